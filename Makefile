@@ -1,0 +1,28 @@
+# `make demo` and `make test` do all the set-up: a virtualenv in .venv with requirements installed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel (on local disk on our machines); on a GPU box: make TORCH="torch==2.13.0 --index-url ..."
+TORCH ?= torch==2.13.0
+export HF_HUB_OFFLINE := 1
+
+.PHONY: demo test lint clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt -c constraints.txt
+	touch $@
+
+demo: $(VENV)/.installed
+	PY=$(PY) bash demo/run_demo.sh
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf demo_output .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Shared code of the four scripts: streaming I/O, adapters, precision, metrics, reports."""

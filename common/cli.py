@@ -1,0 +1,158 @@
+"""What every script shares at its boundary: --device, --config, logging, and the exit-code contract.
+
+Exit codes: 0 success, 1 a negative verdict (compare), 2 a user error (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import yaml
+from tqdm import tqdm
+
+from common.errors import UserError
+
+log = logging.getLogger("lora_tv")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with usage mistakes reported in one line (exit code 2) like every other user error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def base_parser(description: str) -> ArgumentParser:
+    parser = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="where the arithmetic runs: cuda:0 when CUDA is available, else cpu (default); any torch device",
+    )
+    parser.add_argument("--verbose", action="store_true", help="print a line per tensor")
+    parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    return parser
+
+
+def add_overwrite(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --output_dir")
+
+
+def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:
+    """Run a script's main: user errors become one line on stderr and exit code 2, never a traceback."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        code = main(argv)
+    except UserError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("interrupted: no output was written", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stdout)
+
+
+def resolve_device(requested: str | None):
+    """cuda:0 when CUDA is available, else cpu (said once); a named device that does not exist is an error."""
+    import torch
+
+    if requested is None:
+        device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        if device.type == "cpu":
+            log.info("device: CUDA is not available, computing on cpu")
+        return device
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UserError(f"--device {requested}: not a device name (try cpu or cuda:0)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {requested}: CUDA is not available on this machine (use --device cpu)")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise UserError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        raise UserError(f"--device {requested}: only cpu and cuda devices are supported")
+    return device
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse flags, with `--config FILE` (YAML) supplying defaults that command-line flags override."""
+    parser.add_argument("--config", type=Path, default=None, help="YAML file of flag values (see the example)")
+    first, _ = parser.parse_known_args(argv)
+    if first.config is not None:
+        parser.set_defaults(**load_config(first.config, parser))
+    return parser.parse_args(argv)
+
+
+def load_config(path: Path, parser: argparse.ArgumentParser) -> dict:
+    """A YAML mapping of flag names to values (yaml.safe_load only), checked against the parser."""
+    try:
+        config = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"--config {path}: no such file") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"--config {path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    config = config or {}
+    if not isinstance(config, dict):
+        raise UserError(f"--config {path}: must be a mapping of flag names to values")
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    for key, value in config.items():
+        if key not in actions:
+            raise UserError(f"--config {path}: unknown key {key!r} (known: {', '.join(sorted(actions))})")
+        _check_config_type(path, key, value, actions[key])
+    return {k: (str(v) if isinstance(v, (int, float)) and actions[k].type is str else v) for k, v in config.items()}
+
+
+def _check_config_type(path: Path, key: str, value: object, action: argparse.Action) -> None:
+    flag = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+    if value is None:
+        return
+    if flag and not isinstance(value, bool):
+        raise UserError(f"--config {path}: {key} must be true or false, not {value!r}")
+    if not flag and isinstance(value, (dict, list, bool)):
+        raise UserError(f"--config {path}: {key} must be a single value, not {value!r}")
+    if action.choices and value not in action.choices:
+        raise UserError(f"--config {path}: {key} must be one of {', '.join(action.choices)}, not {value!r}")
+    if action.type in (int, float, Path) and not flag:
+        try:
+            action.type(value)
+        except (TypeError, ValueError):
+            raise UserError(f"--config {path}: {key} must be a {action.type.__name__}, not {value!r}") from None
+
+
+def require(args: argparse.Namespace, *names: str) -> None:
+    """Flags that must come from the command line or the config file."""
+    missing = [f"--{n}" for n in names if getattr(args, n) in (None, "")]
+    if missing:
+        raise UserError(f"missing {', '.join(missing)} (give it on the command line or in --config)")
+
+
+@contextlib.contextmanager
+def tensor_progress(total: int, desc: str, verbose: bool) -> Iterator[Callable[[str], None]]:
+    """A callback to call per tensor: a progress bar, or with --verbose a line naming each tensor."""
+    bar = tqdm(total=total, desc=desc, unit="tensor", disable=True if verbose or total == 0 else None, file=sys.stderr)
+
+    def step(line: str) -> None:
+        bar.update()
+        if verbose:
+            log.debug(f"  {line}")
+
+    try:
+        yield step
+    finally:
+        bar.close()

@@ -1,0 +1,87 @@
+"""Per-tensor agreement between a task vector τ and a LoRA delta Δ, in float64.
+
+A cosine is at most 1 in exact arithmetic; it is computed in float64 and clamped to [−1, 1] so that
+rounding can never report more (the original write-up's 1.225 was a bug).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from common.precision import ulp
+
+PERFECT_COSINE = 0.9999
+
+
+@dataclass
+class TensorComparison:
+    """How one LoRA-adapted tensor's task vector agrees with its LoRA delta."""
+
+    name: str
+    cosine: float
+    max_abs_diff: float
+    rel_error: float  # ‖τ − Δ‖ / ‖Δ‖
+    norm_lora: float
+    norm_task_vector: float
+    scale: float  # least-squares fit of τ ≈ scale·Δ: ⟨τ,Δ⟩/⟨Δ,Δ⟩, 1.0 when the scaling is right
+    max_diff_ulps: float | None = None  # max |τ − Δ| in ulps of the merge dtype at the merged weight
+    within_rounding: bool | None = None  # every |τ − Δ| within the rounding a merge at that dtype can make
+    status: str = ""
+
+
+def cosine(x: torch.Tensor, y: torch.Tensor) -> float:
+    """⟨x,y⟩ / (‖x‖‖y‖) in float64, clamped to [−1, 1]; 1 for two zero tensors, 0 for one."""
+    x, y = x.double().flatten(), y.double().flatten()
+    nx, ny = torch.linalg.vector_norm(x), torch.linalg.vector_norm(y)
+    if nx == 0 or ny == 0:
+        return 1.0 if nx == ny else 0.0
+    return float(torch.clamp(torch.dot(x, y) / (nx * ny), -1.0, 1.0))
+
+
+def compare_tensor(name: str, lora_delta: torch.Tensor, task_vector: torch.Tensor) -> TensorComparison:
+    """Cosine, max |τ − Δ|, relative error, norms and the least-squares scale, all in float64."""
+    delta, tau = lora_delta.double(), task_vector.double()
+    diff = tau - delta
+    norm_delta = float(torch.linalg.vector_norm(delta))
+    delta_sq = float(torch.dot(delta.flatten(), delta.flatten()))
+    return TensorComparison(
+        name=name,
+        cosine=cosine(delta, tau),
+        max_abs_diff=float(diff.abs().max()) if diff.numel() else 0.0,
+        rel_error=float(torch.linalg.vector_norm(diff)) / norm_delta if norm_delta else float("inf"),
+        norm_lora=norm_delta,
+        norm_task_vector=float(torch.linalg.vector_norm(tau)),
+        scale=float(torch.dot(tau.flatten(), delta.flatten())) / delta_sq if delta_sq else float("nan"),
+    )
+
+
+def rounding_bound(base: torch.Tensor, lora_delta: torch.Tensor, dtype: torch.dtype, rank: int) -> torch.Tensor:
+    """Element-wise bound on |τ − Δ| that a merge at `dtype` can produce (float64).
+
+    τ − Δ = (round(W) − W) + (round(round(W) + Δ) − (round(W) + Δ)) + (fp32 errors), so each element is
+    within ½ ulp of W plus ½ ulp of the merged weight (at `dtype`), plus the fp32 arithmetic of the
+    delta (r products) and of the subtraction.
+    """
+    w, delta = base.double(), lora_delta.double()
+    merged = (w.abs() + delta.abs()).clamp_min(w.abs())
+    fp32_slack = (rank + 2) * ulp(merged, torch.float32)
+    if dtype == torch.float32:
+        return 0.5 * ulp(merged, dtype) + fp32_slack
+    return 0.5 * ulp(w, dtype) + 0.5 * ulp(merged, dtype) + fp32_slack
+
+
+def add_rounding_check(
+    result: TensorComparison,
+    base: torch.Tensor,
+    lora_delta: torch.Tensor,
+    task_vector: torch.Tensor,
+    dtype: torch.dtype,
+    rank: int,
+) -> None:
+    """Record whether every difference is explained by rounding at the merge dtype, and the worst in ulps."""
+    diff = (task_vector.double() - lora_delta.double()).abs()
+    result.within_rounding = bool((diff <= rounding_bound(base, lora_delta, dtype, rank)).all())
+    merged = base.double().abs() + lora_delta.double().abs()
+    result.max_diff_ulps = float((diff / ulp(merged, dtype)).max()) if diff.numel() else 0.0

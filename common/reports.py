@@ -1,0 +1,109 @@
+"""Reports users read and script against: compare's JSON / CSV / console block (schema in README.md)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+from common.compare import Comparison, Verdict
+from common.metrics import PERFECT_COSINE
+from common.precision import short_name
+
+REPORT_FIELDS = ["name", "status", "cosine", "max_abs_diff", "rel_error", "norm_lora", "norm_task_vector"]
+EXTRA_FIELDS = ["scale", "max_diff_ulps", "within_rounding"]
+
+
+def comparison_summary(comparison: Comparison, verdict: Verdict) -> dict:
+    shared = comparison.shared
+    cosines = [c.cosine for c in shared]
+    return {
+        "shared": len(shared),
+        "lora_only": len(comparison.lora_only),
+        "task_vector_only": len(comparison.task_vector_only),
+        "task_vector_only_zero": comparison.only_count("zero"),
+        "artifacts": comparison.only_count("rounding_artifact"),
+        "task_vector_only_changed": comparison.only_count("changed"),
+        "task_vector_only_unclassified": comparison.only_count("unclassified"),
+        "mean_cosine": sum(cosines) / len(cosines) if cosines else None,
+        "min_cosine": min(cosines) if cosines else None,
+        "max_abs_diff": max((c.max_abs_diff for c in shared), default=None),
+        "perfect_matches": sum(c > PERFECT_COSINE for c in cosines),
+        "equivalent": verdict.equivalent,
+        "reason": verdict.reason,
+        "tolerance": comparison.tolerance,
+        "merge_dtype": short_name(comparison.merge_dtype) if comparison.merge_dtype else None,
+    }
+
+
+def tensor_rows(comparison: Comparison) -> list[dict]:
+    """One row per tensor: shared ones with metrics, the others with their status only."""
+    rows = [{k: _finite(v) for k, v in asdict(c).items()} for c in comparison.shared]
+    empty = dict.fromkeys(REPORT_FIELDS[2:] + EXTRA_FIELDS)
+    rows += [{**empty, "name": n, "status": "lora_only"} for n in comparison.lora_only]
+    rows += [{**empty, "name": n, "status": s} for n, s in comparison.task_vector_only.items()]
+    return [{k: row[k] for k in REPORT_FIELDS + EXTRA_FIELDS} for row in rows]
+
+
+def _finite(value: object) -> object:
+    """JSON has no inf/nan: they become null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def write_comparison_reports(summary: dict, rows: list[dict], out_dir: Path) -> None:
+    report = {"summary": summary, "tensors": rows}
+    (out_dir / "comparison_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    with open(out_dir / "comparison_report.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=REPORT_FIELDS + EXTRA_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def console_block(summary: dict) -> str:
+    """The seed README's analysis block, with the sets and the verdict's reason."""
+    n = summary["shared"]
+    lines = ["MATHEMATICAL EQUIVALENCE ANALYSIS:", f"   Analyzing {n} shared tensors..."]
+    if n:
+        lines += [
+            f"   Average cosine similarity: {summary['mean_cosine']:.6f} (min {summary['min_cosine']:.6f})",
+            f"   Max absolute difference: {summary['max_abs_diff']:.2e} (tolerance {summary['tolerance']:g})",
+            f"   Perfect matches (>{PERFECT_COSINE}): {summary['perfect_matches']}/{n} "
+            f"({100 * summary['perfect_matches'] / n:.1f}%)",
+        ]
+    lines.append(
+        f"   Task-vector-only tensors: {summary['task_vector_only']} ({summary['task_vector_only_zero']} zero, "
+        f"{summary['artifacts']} rounding artifacts, {summary['task_vector_only_changed']} changed"
+        + (
+            f", {summary['task_vector_only_unclassified']} unclassified)"
+            if summary["task_vector_only_unclassified"]
+            else ")"
+        )
+    )
+    lines.append(f"   LoRA-only tensors (missing from the task vector): {summary['lora_only']}")
+    outcome = "VALIDATION SUCCESSFUL" if summary["equivalent"] else "VALIDATION FAILED"
+    return "\n".join(lines + ["", f"{outcome}: {summary['reason']}"])
+
+
+def analysis_markdown(report: dict, plots: list[str]) -> str:
+    """report.md: findings, the per-module table, the plots, then every tensor."""
+    summary = report["summary"]
+    lines = ["# LoRA delta Δ vs task vector τ: mathematical analysis", "", "## Findings", ""]
+    lines += [f"- {line}" for line in summary["findings"]]
+    lines += ["", "## By module type", "", "| module | tensors | median ‖τ−Δ‖/‖Δ‖ | max angle (°) | ranks of τ |"]
+    lines.append("|---|---|---|---|---|")
+    for module, row in report["by_module"].items():
+        lines.append(
+            f"| {module} | {row['tensors']} | {row['median_rel_error']:.2e} | "
+            f"{row['max_principal_angle_deg']:.2e} | {', '.join(map(str, row['ranks_task_vector']))} |"
+        )
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    lines += ["", "## Tensors", "", "| tensor | rank Δ | rank τ | cosine | ‖τ−Δ‖/‖Δ‖ | angle (°) | σ_(r+1)/σ₁ |"]
+    lines.append("|---|---|---|---|---|---|---|")
+    for t in report["tensors"]:
+        lines.append(
+            f"| {t['name']} | {t['rank_lora']} | {t['rank_task_vector']} | {t['cosine']:.6f} | "
+            f"{t['rel_error']:.2e} | {t['principal_angle_deg']:.2e} | {t['sigma_tail_ratio']:.2e} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,371 @@
+"""Streaming safetensors I/O: a lazy index over a checkpoint's shards and a front-to-back writer.
+
+Reads go through our own `os.preadv` calls into fresh buffers, never through a memory map, so the
+pages of a 12 GB checkpoint are not counted in our resident memory (see ../shared/STREAMING.md).
+Files are little-endian: `[u64 header length N][N bytes of JSON header][tensor data]`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from common.errors import UserError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+INDEX_FILE = "model.safetensors.index.json"
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its file, dtype, shape and absolute byte range."""
+
+    name: str
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header: tensors by name (in file order) and metadata."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw_len = f.read(8)
+        if len(raw_len) < 8:
+            raise UserError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+        (header_len,) = struct.unpack("<Q", raw_len)
+        if header_len > min(size - 8, MAX_HEADER_BYTES):
+            raise UserError(f"{path}: corrupt safetensors file (header length {header_len} past end of file)")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_len
+    tensors = [_tensor_info(path, name, entry, data_start) for name, entry in header.items()]
+    tensors.sort(key=lambda t: t.start)
+    _check_layout(path, tensors, data_start, size)
+    return {t.name: t for t in tensors}, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
+    try:
+        dtype = DTYPES[entry["dtype"]]
+        shape = tuple(entry["shape"])
+        begin, end = entry["data_offsets"]
+        if not all(isinstance(d, int) and d >= 0 for d in (*shape, begin, end)):
+            raise ValueError
+    except KeyError as e:
+        raise UserError(f"{path}: tensor {name!r} has an unknown dtype or missing field {e}") from None
+    except (TypeError, ValueError):
+        raise UserError(f"{path}: tensor {name!r} has a malformed header entry") from None
+    info = TensorInfo(name, path, dtype, shape, data_start + begin, data_start + end)
+    if info.nbytes != info.numel * dtype.itemsize:
+        raise UserError(f"{path}: tensor {name!r} byte range does not match its shape and dtype")
+    return info
+
+
+def _check_layout(path: Path, tensors: list[TensorInfo], data_start: int, size: int) -> None:
+    position = data_start
+    for t in tensors:
+        if t.start != position:
+            raise UserError(f"{path}: corrupt safetensors file (tensor {t.name!r} overlaps or leaves a gap)")
+        position = t.end
+    if position > size:
+        raise UserError(f"{path}: truncated safetensors file ({size} bytes, header needs {position})")
+
+
+def read_bytes_into(f: BinaryIO, buffer: torch.Tensor, offset: int) -> None:
+    """Fill a contiguous tensor with the file's bytes at `offset`, without a memory map."""
+    view = memoryview(buffer.view(-1).view(torch.uint8).numpy())
+    done = 0
+    while done < len(view):
+        n = os.preadv(f.fileno(), [view[done:]], offset + done)
+        if n == 0:
+            raise UserError(f"{f.name}: truncated safetensors file")
+        done += n
+
+
+class CheckpointIndex:
+    """Lazy, shard-aware index of the tensors in a checkpoint folder or a single safetensors file.
+
+    Nothing is read until `read` is called; each read returns a tensor of its own (no memory map).
+    """
+
+    def __init__(self, source: Path):
+        self.source = Path(source)
+        self.tensors: dict[str, TensorInfo] = {}
+        self.metadata: dict[str, str] = {}
+        for shard in _shard_paths(self.source):
+            tensors, metadata = read_header(shard)
+            self.tensors.update(tensors)
+            self.metadata.update(metadata)
+        self._files: dict[Path, BinaryIO] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def names(self) -> list[str]:
+        """Tensor names in storage order (shard by shard, offset by offset): reads stay sequential."""
+        return list(self.tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        return self.tensors[name]
+
+    def read(self, name: str) -> torch.Tensor:
+        """One whole tensor, in its stored dtype."""
+        info = self.tensors[name]
+        return self.read_rows(name, 0, info.shape[0] if info.shape else 1)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows `start:stop` of a tensor (along its first dimension), in its stored dtype."""
+        info = self.tensors[name]
+        if not info.shape:
+            out = torch.empty((), dtype=info.dtype)
+            read_bytes_into(self._file(info.path), out, info.start)
+            return out
+        row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
+        out = torch.empty((stop - start, *info.shape[1:]), dtype=info.dtype)
+        if out.numel():
+            read_bytes_into(self._file(info.path), out, info.start + start * row_bytes)
+        return out
+
+    def _file(self, path: Path) -> BinaryIO:
+        if path not in self._files:
+            self._files[path] = open(path, "rb", buffering=0)
+        return self._files[path]
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def __enter__(self) -> CheckpointIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _shard_paths(source: Path) -> list[Path]:
+    if source.is_file():
+        return [source]
+    if not source.is_dir():
+        raise UserError(f"{source}: no such file or folder")
+    index_path = source / INDEX_FILE
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+            shard_names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{index_path}: invalid index file ({e})") from None
+        shards = [source / name for name in shard_names]
+        missing = [str(p.name) for p in shards if not p.is_file()]
+        if missing:
+            raise UserError(f"{index_path}: shard files missing: {', '.join(missing[:3])}")
+        return shards
+    shards = sorted(source.glob("*.safetensors"))
+    if not shards:
+        found = "only .bin weights" if any(source.glob("*.bin")) else "no weights"
+        raise UserError(f"{source}: {found} (a folder of *.safetensors files is needed)")
+    return shards
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What the writer needs to know about a tensor before any byte is written."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def safetensors_header(specs: Iterable[TensorSpec], metadata: dict[str, str] | None = None) -> bytes:
+    """The length prefix and JSON header for tensors stored in the given order, padded to 8 bytes."""
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for spec in specs:
+        header[spec.name] = {
+            "dtype": DTYPE_NAMES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+class SafetensorsWriter:
+    """Writes a safetensors file front to back: header first, then each tensor's bytes in order.
+
+    Tensors may arrive in row chunks; only the chunk being written is in memory. The file appears at
+    `path` only after every byte has been written (it is built as `<path>.partial`).
+    """
+
+    def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self._remaining = [(s.name, s.nbytes, s.dtype) for s in reversed(specs)]
+        self._file = open(self.partial, "wb")
+        self._file.write(safetensors_header(specs, metadata))
+        self._left_in_tensor = 0
+
+    def write(self, name: str, chunk: torch.Tensor) -> None:
+        """Append the next rows of tensor `name` (tensors must come in the order they were declared)."""
+        if self._left_in_tensor == 0:
+            expected, nbytes, dtype = self._remaining.pop()
+            if name != expected:
+                raise RuntimeError(f"writer expected tensor {expected!r}, got {name!r}")
+            self._current, self._dtype, self._left_in_tensor = name, dtype, nbytes
+        if name != self._current or chunk.dtype != self._dtype:
+            raise RuntimeError(f"chunk of {name!r} ({chunk.dtype}) does not continue {self._current!r}")
+        data = chunk.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        if data.nbytes > self._left_in_tensor:
+            raise RuntimeError(f"too many bytes for tensor {name!r}")
+        self._file.write(memoryview(data))
+        self._left_in_tensor -= data.nbytes
+
+    def close(self) -> None:
+        """Check that every declared byte was written, then move the file into place."""
+        if self._left_in_tensor or self._remaining:
+            self.abort()
+            raise RuntimeError(f"{self.path}: closed before all tensors were written")
+        self._file.close()
+        os.replace(self.partial, self.path)
+
+    def abort(self) -> None:
+        self._file.close()
+        self.partial.unlink(missing_ok=True)
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def iter_row_chunks(shape: tuple[int, ...], dtype: torch.dtype, chunk_bytes: int) -> Iterator[tuple[int, int]]:
+    """Row ranges covering a tensor in pieces of about `chunk_bytes`, never leaving a 1-row tail.
+
+    A one-row matmul takes a different kernel and rounds differently (../shared/LORA_MATH.md).
+    """
+    rows = shape[0] if shape else 1
+    row_bytes = max(1, math.prod(shape[1:]) * dtype.itemsize)
+    step = max(2, chunk_bytes // row_bytes)
+    start = 0
+    while start < rows:
+        stop = min(rows, start + step)
+        if rows - stop == 1:
+            stop = rows
+        yield start, stop
+        start = stop
+
+
+class ShardedWriter:
+    """Writes tensors in declared order across `model-0000i-of-0000N.safetensors` shards plus the index.
+
+    With a single shard the file is plain `model.safetensors` and no index is written, as
+    `save_pretrained` does.
+    """
+
+    def __init__(self, folder: Path, specs: list[TensorSpec], max_shard_bytes: int, metadata: dict[str, str]):
+        self.folder = Path(folder)
+        self.metadata = metadata
+        self.shards = plan_shards(specs, max_shard_bytes)
+        self.weight_map = {s.name: file for file, shard in self.shards for s in shard}
+        self._pending = list(reversed(self.shards))
+        self._writer: SafetensorsWriter | None = None
+        self._left: set[str] = set()
+
+    def write(self, name: str, chunk: torch.Tensor) -> None:
+        if self._writer is None:
+            file, shard = self._pending.pop()
+            self._writer = SafetensorsWriter(self.folder / file, shard, self.metadata)
+            self._left = {s.name for s in shard}
+        self._writer.write(name, chunk)
+
+    def tensor_done(self, name: str) -> None:
+        """Tell the writer a tensor is complete, so a finished shard is closed straight away."""
+        self._left.discard(name)
+        if self._writer is not None and not self._left:
+            self._writer.close()
+            self._writer = None
+
+    def close(self) -> None:
+        if self._writer is not None or self._pending:
+            self.abort()
+            raise RuntimeError(f"{self.folder}: closed before all shards were written")
+        if len(self.shards) > 1:
+            total = sum(s.nbytes for _, shard in self.shards for s in shard)
+            index = {"metadata": {"total_size": total}, "weight_map": self.weight_map}
+            (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+
+
+def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[tuple[str, list[TensorSpec]]]:
+    """Group tensors, in order, into shards of at most `max_shard_bytes` (a larger tensor gets its own)."""
+    groups: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if groups[-1] and size + spec.nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(spec)
+        size += spec.nbytes
+    if len(groups) == 1:
+        return [("model.safetensors", groups[0])]
+    n = len(groups)
+    return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", group) for i, group in enumerate(groups)]

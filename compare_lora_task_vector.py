@@ -1,0 +1,77 @@
+"""Step 3: prove (or refute) that the task vector equals the LoRA delta Δ = scaling · B @ A.
+
+    python compare_lora_task_vector.py --base_model bigcode/starcoder2-3b --lora_path checkpoint-40000/ \
+        --task_vector_path task_vectors_fp32/task_vector.safetensors --output_dir comparison_results/
+
+Exit code 0: equivalent within --tolerance (absolute); 1: not equivalent (the last line says why);
+2: bad input. Writes lora_deltas.safetensors, comparison_report.json / .csv and
+norm_distribution_comparison.png into --output_dir.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+from common.adapter import LoraAdapter, check_targets_match
+from common.cli import add_overwrite, base_parser, log, resolve_device, run, setup_logging, tensor_progress
+from common.compare import compare_adapter, lora_delta_specs, verdict
+from common.outputs import check_output_dir, staged_output_dir
+from common.plots import norm_distribution_comparison
+from common.reports import comparison_summary, console_block, tensor_rows, write_comparison_reports
+from common.safetensors_io import CheckpointIndex, SafetensorsWriter
+from common.sources import resolve_adapter, resolve_model
+from common.task_vector import read_stats
+
+STATS_FILE = "task_vector_stats.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser(__doc__)
+    parser.add_argument("--base_model", default=None, help="base model (hub id or folder): classifies artifacts")
+    parser.add_argument("--lora_path", required=True, help="adapter or checkpoint-N folder, or hub id")
+    parser.add_argument("--task_vector_path", type=Path, required=True, help="task_vector.safetensors from step 2")
+    parser.add_argument("--output_dir", type=Path, default=Path("comparison_results"), help="results folder")
+    parser.add_argument("--tolerance", type=float, default=1e-5, help="max |τ − Δ| allowed per element")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    add_overwrite(parser)
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose and not args.json)
+
+    device = resolve_device(args.device)
+    adapter = LoraAdapter(resolve_adapter(args.lora_path))
+    base_dir = resolve_model(args.base_model, "base model") if args.base_model else None
+    inputs = [adapter.folder, args.task_vector_path] + ([base_dir] if base_dir else [])
+    check_output_dir(args.output_dir, inputs, args.overwrite)
+    tv_folder = args.task_vector_path if args.task_vector_path.is_dir() else args.task_vector_path.parent
+
+    with contextlib.ExitStack() as stack:
+        task_vector = stack.enter_context(CheckpointIndex(args.task_vector_path))
+        base = stack.enter_context(CheckpointIndex(base_dir)) if base_dir else None
+        if base is not None:
+            check_targets_match(adapter, {n: base.info(n).shape for n in base.names()}, f"base model {base_dir}")
+        staging = stack.enter_context(staged_output_dir(args.output_dir))
+        deltas = stack.enter_context(SafetensorsWriter(staging / "lora_deltas.safetensors", lora_delta_specs(adapter)))
+        step = stack.enter_context(tensor_progress(len(adapter.targets), "compare", args.verbose))
+        comparison = compare_adapter(
+            adapter, task_vector, deltas, device, args.tolerance, base, read_stats(tv_folder / STATS_FILE), step
+        )
+        result = verdict(comparison)
+        summary = comparison_summary(comparison, result)
+        rows = tensor_rows(comparison)
+        write_comparison_reports(summary, rows, staging)
+        norm_distribution_comparison(
+            rows, staging / "norm_distribution_comparison.png", "LoRA delta Δ vs task vector τ"
+        )
+
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        log.info(console_block(summary))
+        log.info(f"\nreports and plots in {args.output_dir}/")
+    return 0 if result.equivalent else 1
+
+
+if __name__ == "__main__":
+    run(main)
