@@ -7,6 +7,7 @@ rsLoRA), with per-module `rank_pattern` / `alpha_pattern` overrides matched as p
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from common.safetensors_io import CheckpointIndex
 
 CONFIG_FILE = "adapter_config.json"
 PREFIX = "base_model.model."
+log = logging.getLogger("lora_tv")
 LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.[\w-]+)?\.weight$")
 
 
@@ -116,27 +118,18 @@ def pattern_value(patterns: dict | None, module: str, default: float) -> float:
 
 
 def lora_delta(
-    target: LoraTarget,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    compute_dtype: torch.dtype | None = None,
-    rows: tuple[int, int] | None = None,
+    target: LoraTarget, lora_a: torch.Tensor, lora_b: torch.Tensor, compute_dtype: torch.dtype | None = None
 ) -> torch.Tensor:
-    """`Δ = scaling · B @ A` (transposed for fan_in_fan_out), rows `rows` of it, in peft's op order.
+    """`Δ = scaling · B @ A` (transposed for fan_in_fan_out), the whole matrix, in peft's op order.
 
     With `compute_dtype=None` it runs in the dtype peft merges in: fp16/bf16 factors are upcast to
     fp32 (peft's `autocast_adapter_dtype`), so the result is bitwise what `merge_and_unload` adds.
-    Row slices of at least two rows are bitwise equal to the same rows of the whole product.
+    It is computed whole on purpose: row slices of the product take other BLAS kernels when short
+    (measured on CPU: slices of fewer than 12 rows differ in the last bit).
     """
     if compute_dtype is None:
         compute_dtype = torch.float32 if lora_a.dtype in (torch.float16, torch.bfloat16) else lora_a.dtype
-    lora_a, lora_b = lora_a.to(compute_dtype), lora_b.to(compute_dtype)
-    if rows is not None:
-        start, stop = rows
-        if target.fan_in_fan_out:
-            return (lora_b @ lora_a[:, start:stop]).T * target.scaling
-        lora_b = lora_b[start:stop]
-    product = lora_b @ lora_a
+    product = lora_b.to(compute_dtype) @ lora_a.to(compute_dtype)
     return (product.T if target.fan_in_fan_out else product) * target.scaling
 
 
@@ -165,7 +158,8 @@ def _adapter_folder(folder: Path) -> Path:
     if (folder / CONFIG_FILE).is_file():
         return folder
     named = sorted(p.parent for p in folder.glob(f"*/{CONFIG_FILE}"))
-    if len(named) == 1:
+    if len(named) == 1:  # peft saves a non-default adapter name in a subfolder
+        log.info(f"adapter: using {named[0]}")
         return named[0]
     if named:
         names = ", ".join(p.name for p in named)

@@ -63,8 +63,10 @@ def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) 
     sys.exit(code)
 
 
-def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stdout)
+def setup_logging(verbose: bool, to_stderr: bool = False) -> None:
+    """Messages on stdout (stderr when stdout carries machine-readable output), per tensor with --verbose."""
+    level = logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr if to_stderr else sys.stdout, force=True)
 
 
 def resolve_device(requested: str | None):

@@ -88,14 +88,17 @@ def merge_tensor(
     writer: ShardedWriter,
     summary: MergeSummary,
 ) -> None:
-    """Cast one base tensor to its output dtype and add its LoRA delta, chunk by chunk."""
+    """Cast one base tensor to its output dtype, chunk by chunk, adding rows of its LoRA delta if it has one.
+
+    The delta is computed whole, exactly as peft computes it, then sliced: bitwise peft's at any chunk size.
+    """
     target = adapter.targets.get(spec.name)
-    factors = [f.to(device) for f in adapter.factors(target)] if target else None
+    delta = lora_delta(target, *(f.to(device) for f in adapter.factors(target))) if target else None
     finite = True
     for start, stop in iter_row_chunks(spec.shape, base.info(spec.name).dtype, chunk_bytes):
         weight = base.read_rows(spec.name, start, stop).to(device).to(spec.dtype)
-        if target is not None:
-            weight += lora_delta(target, *factors, rows=(start, stop))
+        if delta is not None:
+            weight += delta[start:stop]
             finite = finite and bool(torch.isfinite(weight).all())
         writer.write(spec.name, weight)
     writer.tensor_done(spec.name)

@@ -12,13 +12,15 @@ from common.errors import UserError
 
 
 def check_output_dir(output_dir: Path, inputs: list[Path], overwrite: bool) -> None:
-    """Refuse an output folder inside (or equal to) an input, or a non-empty one without --overwrite."""
+    """Refuse an output folder that holds an input, or lies inside an input folder, or is full without --overwrite.
+
+    The output folder is replaced as a whole, so it must never contain anything we read.
+    """
     target = output_dir.resolve()
     for source in inputs:
         source = source.resolve()
-        folder = source if source.is_dir() else source.parent
-        if target == folder or folder in target.parents:
-            raise UserError(f"--output_dir {output_dir}: inside the input {source}; choose another folder")
+        if target == source or target in source.parents or (source.is_dir() and source in target.parents):
+            raise UserError(f"--output_dir {output_dir}: overlaps the input {source}; choose another folder")
     if target.is_file():
         raise UserError(f"--output_dir {output_dir}: is a file")
     if target.is_dir() and any(target.iterdir()) and not overwrite:

@@ -294,20 +294,14 @@ class SafetensorsWriter:
 
 
 def iter_row_chunks(shape: tuple[int, ...], dtype: torch.dtype, chunk_bytes: int) -> Iterator[tuple[int, int]]:
-    """Row ranges covering a tensor in pieces of about `chunk_bytes`, never leaving a 1-row tail.
-
-    A one-row matmul takes a different kernel and rounds differently (../shared/LORA_MATH.md).
-    """
+    """Row ranges `(start, stop)` covering a tensor in order, each about `chunk_bytes` (at least one row)."""
     rows = shape[0] if shape else 1
     row_bytes = max(1, math.prod(shape[1:]) * dtype.itemsize)
-    step = max(2, chunk_bytes // row_bytes)
-    start = 0
-    while start < rows:
-        stop = min(rows, start + step)
-        if rows - stop == 1:
-            stop = rows
-        yield start, stop
-        start = stop
+    step = max(1, chunk_bytes // row_bytes)
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+    if rows == 0:
+        yield 0, 0
 
 
 class ShardedWriter:

@@ -1,0 +1,119 @@
+"""Shared fixtures: a tiny real StarCoder2 base, LoRA adapters trained with peft, and pipeline outputs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+REPO = Path(__file__).resolve().parents[1]
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def run_script(script: str, *args: object, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run one of the four scripts as a user would, from the repo root."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *map(str, args)],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Exit code 2, exactly one line on stderr mentioning every fragment, no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@dataclass
+class Tiny:
+    base: Path
+    adapter: Path  # a Trainer-style checkpoint-5/ folder
+    other_adapter: Path  # the same recipe, another seed: a wrong adapter for compare
+    root: Path
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
+    from demo.tiny_models import build_adapter, build_base
+
+    root = tmp_path_factory.mktemp("tiny")
+    base = build_base(root / "base_model")
+    adapter = build_adapter(base, root / "checkpoint-5", seed=0)
+    other = build_adapter(base, root / "other" / "checkpoint-5", seed=1)
+    return Tiny(base=base, adapter=adapter, other_adapter=other, root=root)
+
+
+@dataclass
+class Pipeline:
+    merged: Path
+    task_vectors: Path
+
+    @property
+    def task_vector_file(self) -> Path:
+        return self.task_vectors / "task_vector.safetensors"
+
+
+@pytest.fixture(scope="session")
+def pipeline(tiny: Tiny):
+    """Merged model and task vector at a precision, built once per session through the scripts' mains."""
+    import extract_task_vectors
+    import merge_lora
+
+    built: dict[str, Pipeline] = {}
+
+    def get(precision: str) -> Pipeline:
+        if precision not in built:
+            merged = tiny.root / f"merged_{precision}"
+            tvs = tiny.root / f"task_vectors_{precision}"
+            merge_args = ["--base_model", tiny.base, "--lora_path", tiny.adapter, "--output_dir", merged]
+            assert merge_lora.main([*map(str, merge_args), "--precision", precision, "--device", "cpu"]) == 0
+            extract_args = ["--base_model", tiny.base, "--finetuned_model", merged, "--output_dir", tvs]
+            assert extract_task_vectors.main([*map(str, extract_args), "--device", "cpu"]) == 0
+            built[precision] = Pipeline(merged=merged, task_vectors=tvs)
+        return built[precision]
+
+    return get
+
+
+def peft_merged_state_dict(base: Path, adapter: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The reference: transformers load at `dtype`, peft load, merge_and_unload, on CPU."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+
+def load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a model folder, through safetensors' own reader."""
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,148 @@
+"""compare_lora_task_vector.py: exact metrics, the verdict, its reason and its exit code."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import assert_user_error, run_script
+from safetensors.torch import load_file
+
+from common.adapter import LoraAdapter, lora_delta
+from common.metrics import compare_tensor, cosine
+
+SUMMARY_KEYS = {
+    "shared", "lora_only", "task_vector_only", "artifacts", "mean_cosine", "min_cosine",
+    "max_abs_diff", "perfect_matches", "equivalent", "tolerance",
+}  # fmt: skip
+TENSOR_KEYS = {"name", "cosine", "max_abs_diff", "rel_error", "norm_lora", "norm_task_vector", "status"}
+
+
+def compare(tiny, tmp_path, task_vector_file, *extra, adapter=None):
+    out = tmp_path / "cmp"
+    args = ["--lora_path", adapter or tiny.adapter, "--task_vector_path", task_vector_file, "--output_dir", out]
+    result = run_script("compare_lora_task_vector.py", *args, *extra)
+    report = json.loads((out / "comparison_report.json").read_text()) if result.returncode in (0, 1) else None
+    return result, report, out
+
+
+def test_matching_adapter_is_equivalent_exit_0(tiny, tmp_path, pipeline):
+    result, report, out = compare(tiny, tmp_path, pipeline("fp32").task_vector_file, "--base_model", tiny.base)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "VALIDATION SUCCESSFUL" in result.stdout and "Analyzing 8 shared tensors" in result.stdout
+    summary = report["summary"]
+    assert SUMMARY_KEYS <= set(summary) and summary["equivalent"] is True
+    assert summary["shared"] == 8 and summary["task_vector_only"] == 27 and summary["artifacts"] == 0
+    assert summary["perfect_matches"] == 8 and summary["max_abs_diff"] < 1e-6
+    assert all(TENSOR_KEYS <= set(row) for row in report["tensors"])
+    for row in report["tensors"][:8]:
+        assert row["status"] == "match" and -1 <= row["cosine"] <= 1 and abs(row["scale"] - 1) < 1e-5
+    with open(out / "comparison_report.csv") as f:
+        assert len(list(csv.DictReader(f))) == 35
+    assert (out / "norm_distribution_comparison.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_lora_deltas_file_holds_scaling_B_A_under_base_names(tiny, tmp_path, pipeline):
+    _, _, out = compare(tiny, tmp_path, pipeline("fp32").task_vector_file)
+    deltas = load_file(out / "lora_deltas.safetensors")
+    adapter = LoraAdapter(tiny.adapter)
+    assert set(deltas) == set(adapter.targets)
+    for name, target in adapter.targets.items():
+        a, b = adapter.factors(target)
+        expected = (b.double() @ a.double() * (target.alpha / target.rank)).float()
+        assert deltas[name].dtype == torch.float32
+        torch.testing.assert_close(deltas[name], expected, rtol=0, atol=0)
+
+
+def test_wrong_adapter_is_not_equivalent_exit_1(tiny, tmp_path, pipeline):
+    result, report, _ = compare(tiny, tmp_path, pipeline("fp32").task_vector_file, adapter=tiny.other_adapter)
+    assert result.returncode == 1, result.stderr
+    assert report["summary"]["equivalent"] is False and "VALIDATION FAILED" in result.stdout
+    assert abs(report["summary"]["mean_cosine"]) < 0.5
+
+
+def test_fp16_merge_fails_within_rounding_and_counts_artifacts(tiny, tmp_path, pipeline):
+    result, report, _ = compare(tiny, tmp_path, pipeline("fp16").task_vector_file, "--base_model", tiny.base)
+    assert result.returncode == 1
+    summary = report["summary"]
+    assert summary["artifacts"] == 27 and summary["task_vector_only_changed"] == 0
+    assert "within fp16 rounding" in summary["reason"] and "merge at fp32" in summary["reason"]
+    assert all(row["within_rounding"] for row in report["tensors"] if row["status"] in ("match", "mismatch"))
+
+
+def test_fp16_merge_passes_at_a_tolerance_above_its_rounding(tiny, tmp_path, pipeline):
+    result, _, _ = compare(
+        tiny, tmp_path, pipeline("fp16").task_vector_file, "--base_model", tiny.base, "--tolerance", "1e-3"
+    )
+    assert result.returncode == 0, result.stdout
+
+
+def test_doubled_alpha_is_diagnosed_as_a_scaling_mismatch(tiny, tmp_path, pipeline):
+    doubled = tmp_path / "doubled"
+    shutil.copytree(tiny.adapter, doubled)
+    config = json.loads((doubled / "adapter_config.json").read_text())
+    config["lora_alpha"] *= 2
+    (doubled / "adapter_config.json").write_text(json.dumps(config))
+    result, report, _ = compare(
+        tiny, tmp_path, pipeline("fp32").task_vector_file, "--base_model", tiny.base, adapter=doubled
+    )
+    assert result.returncode == 1
+    assert "scaling mismatch" in report["summary"]["reason"]
+    assert all(abs(row["scale"] - 0.5) < 1e-5 for row in report["tensors"][:8])
+
+
+def test_without_base_or_stats_artifacts_cannot_be_told_apart(tiny, tmp_path, pipeline):
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(pipeline("fp16").task_vector_file, alone)
+    result, report, _ = compare(tiny, tmp_path, alone / "task_vector.safetensors", "--tolerance", "1e-3")
+    assert result.returncode == 1
+    assert report["summary"]["task_vector_only_unclassified"] == 27 and "--base_model" in report["summary"]["reason"]
+    # ...and with the base they are rounding artifacts, found from the base and τ alone (no stats file).
+    result, report, _ = compare(
+        tiny, tmp_path / "b", alone / "task_vector.safetensors", "--tolerance", "1e-3", "--base_model", tiny.base
+    )
+    assert result.returncode == 0 and report["summary"]["artifacts"] == 27
+
+
+def test_json_flag_prints_the_summary(tiny, tmp_path, pipeline):
+    result, report, _ = compare(tiny, tmp_path, pipeline("fp32").task_vector_file, "--json")
+    assert json.loads(result.stdout) == report["summary"]
+
+
+def test_missing_task_vector_is_a_user_error(tiny, tmp_path):
+    result, _, out = compare(tiny, tmp_path, tmp_path / "nope.safetensors")
+    assert_user_error(result, "nope.safetensors")
+    assert not out.exists()
+
+
+def test_cosine_never_exceeds_one():
+    torch.manual_seed(0)
+    for scale in (1e-30, 1.0, 1e30):
+        x = torch.randn(257, 129, dtype=torch.float32) * scale
+        assert cosine(x, x) <= 1.0 and cosine(x, -x) >= -1.0
+        assert cosine(x, x * 3) <= 1.0
+        assert compare_tensor("t", x, x + 1e-7 * scale).cosine <= 1.0
+    assert cosine(torch.zeros(3), torch.zeros(3)) == 1.0 and cosine(torch.zeros(3), torch.ones(3)) == 0.0
+
+
+def test_compare_metrics_are_exact_on_a_known_case():
+    delta = torch.tensor([[3.0, 0.0], [0.0, 4.0]])
+    tau = 2 * delta
+    result = compare_tensor("t", delta, tau)
+    assert result.cosine == 1.0 and result.scale == 2.0
+    assert result.norm_lora == 5.0 and result.norm_task_vector == 10.0
+    assert result.max_abs_diff == 4.0 and result.rel_error == 1.0
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_lora_delta_in_float64_is_scaling_b_a(rows):
+    from common.adapter import LoraTarget
+
+    torch.manual_seed(1)
+    a, b = torch.randn(4, 6), torch.randn(rows, 4)
+    target = LoraTarget("m", "m.weight", "a", "b", rank=4, alpha=8, scaling=2.0, fan_in_fan_out=False, shape=(rows, 6))
+    assert torch.equal(lora_delta(target, a, b, torch.float64), (b.double() @ a.double()) * 2.0)

@@ -1,0 +1,132 @@
+"""merge_lora.py against peft's own merge_and_unload, on tiny real models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import PRECISIONS, assert_user_error, load_weights, peft_merged_state_dict, run_script
+from safetensors.torch import load_file, save_file
+
+from common.adapter import LoraAdapter
+from common.merge import merge_checkpoint
+from common.safetensors_io import CheckpointIndex
+
+
+def assert_bitwise_equal_to_peft(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
+    # A tied lm_head is not saved (save_pretrained leaves it out too); every saved tensor must match bit for bit.
+    assert set(reference) - set(ours) <= {"lm_head.weight"}
+    assert set(ours) <= set(reference)
+    for name, tensor in ours.items():
+        assert tensor.dtype == reference[name].dtype, name
+        assert torch.equal(tensor, reference[name]), name
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_merge_is_bitwise_peft_merge_and_unload(tiny, pipeline, precision):
+    ours = load_weights(pipeline(precision).merged)
+    reference = peft_merged_state_dict(tiny.base, tiny.adapter, PRECISIONS[precision])
+    assert_bitwise_equal_to_peft(ours, reference)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_row_chunked_merge_is_bitwise_the_same(tiny, pipeline, tmp_path, precision):
+    """Chunks of 3 rows, and shards, give the same bits as whole tensors in one file."""
+    with CheckpointIndex(tiny.base) as base:
+        adapter = LoraAdapter(tiny.adapter)
+        dtype, cpu = PRECISIONS[precision], torch.device("cpu")
+        summary = merge_checkpoint(base, adapter, tmp_path, dtype, cpu, chunk_bytes=3 * 64 * 4, max_shard_bytes=40_000)
+    assert len(summary.files) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
+    chunked, whole = load_weights(tmp_path), load_weights(pipeline(precision).merged)
+    assert chunked.keys() == whole.keys()
+    assert all(torch.equal(chunked[n], whole[n]) for n in whole)
+
+
+def test_merged_folder_loads_and_matches_unmerged_peft_logits(tiny, pipeline):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged_dir = pipeline("fp32").merged
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny.base), tiny.adapter)
+    ids = tokenizer("def add(a, b):\n    return a + b\n", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected, got = unmerged(ids).logits, merged(ids).logits
+    base_logits = AutoModelForCausalLM.from_pretrained(tiny.base)(ids).logits.detach()
+    assert (expected - base_logits).abs().max() > 1e-3  # the adapter really changes the output
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_config_records_the_dtype_written(pipeline, precision):
+    config = json.loads((pipeline(precision).merged / "config.json").read_text())
+    assert config["dtype"] == str(PRECISIONS[precision]).removeprefix("torch.")
+    assert {t.dtype for t in load_weights(pipeline(precision).merged).values()} == {PRECISIONS[precision]}
+    assert (pipeline(precision).merged / "tokenizer.json").is_file()
+    assert (pipeline(precision).merged / "generation_config.json").is_file()
+
+
+def _peft_adapter(tiny, tmp_path, **config):
+    """An adapter saved by peft itself, with random (non-zero) B so no training is needed."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_pretrained(tiny.base)
+    lora = LoraConfig(init_lora_weights=False, task_type="CAUSAL_LM", **config)
+    get_peft_model(model, lora).save_pretrained(tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"r": 4, "lora_alpha": 16, "use_rslora": True, "target_modules": ["q_proj", "v_proj"]},
+        {
+            "r": 8,
+            "lora_alpha": 16,
+            "rank_pattern": {"k_proj": 2, "layers.1.self_attn.q_proj": 6},
+            "alpha_pattern": {"o_proj": 5, "c_fc": 3},
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"],
+        },
+    ],
+    ids=["rslora", "rank_alpha_patterns_and_mlp"],
+)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_scaling_variants_are_bitwise_peft(tiny, tmp_path, config, precision):
+    adapter = _peft_adapter(tiny, tmp_path, **config)
+    out = tmp_path / "merged"
+    args = ["--base_model", tiny.base, "--lora_path", adapter, "--output_dir", out, "--precision", precision]
+    result = run_script("merge_lora.py", *args)
+    assert result.returncode == 0, result.stderr
+    assert_bitwise_equal_to_peft(load_weights(out), peft_merged_state_dict(tiny.base, adapter, PRECISIONS[precision]))
+
+
+def test_adapter_for_another_model_is_refused(tiny, tmp_path):
+    adapter = tmp_path / "wrong"
+    shutil.copytree(tiny.adapter, adapter)
+    weights = load_file(adapter / "adapter_model.safetensors")
+    key = next(k for k in weights if k.endswith("q_proj.lora_B.weight"))
+    weights[key] = torch.zeros(96, weights[key].shape[1])
+    save_file(weights, adapter / "adapter_model.safetensors")
+    out = tmp_path / "out"
+    result = run_script("merge_lora.py", "--base_model", tiny.base, "--lora_path", adapter, "--output_dir", out)
+    assert_user_error(result, "does not fit", "q_proj")
+    assert not out.exists()
+
+
+def test_fp16_overflow_fails_and_writes_nothing(tiny, tmp_path):
+    adapter = tmp_path / "huge"
+    shutil.copytree(tiny.adapter, adapter)
+    weights = load_file(adapter / "adapter_model.safetensors")
+    key = next(k for k in weights if "layers.1.self_attn.v_proj.lora_B" in k)
+    weights[key] = weights[key] * 1e7
+    save_file(weights, adapter / "adapter_model.safetensors")
+    out = tmp_path / "out"
+    args = ["--base_model", tiny.base, "--lora_path", adapter, "--output_dir", out, "--precision", "fp16"]
+    result = run_script("merge_lora.py", *args)
+    assert_user_error(result, "overflows", "layers.1.self_attn.v_proj.weight")
+    assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
