@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     add_overwrite(parser)
     args = parser.parse_args(argv)
-    setup_logging(args.verbose and not args.json)
+    setup_logging(args.verbose, to_stderr=args.json)
 
     device = resolve_device(args.device)
     adapter = LoraAdapter(resolve_adapter(args.lora_path))

@@ -74,11 +74,13 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raise UserError(f"{path}: corrupt safetensors file (header length {header_len} past end of file)")
         try:
             header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"{path}: corrupt safetensors header ({e})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise UserError(f"{path}: corrupt safetensors header ({type(e).__name__})") from None
     if not isinstance(header, dict):
         raise UserError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise UserError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
     data_start = 8 + header_len
     tensors = [_tensor_info(path, name, entry, data_start) for name, entry in header.items()]
     tensors.sort(key=lambda t: t.start)
@@ -161,6 +163,9 @@ class CheckpointIndex:
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows `start:stop` of a tensor (along its first dimension), in its stored dtype."""
         info = self.tensors[name]
+        rows = info.shape[0] if info.shape else 1
+        if not 0 <= start <= stop <= rows:
+            raise IndexError(f"rows {start}:{stop} out of range for {name} with {rows} rows")
         if not info.shape:
             out = torch.empty((), dtype=info.dtype)
             read_bytes_into(self._file(info.path), out, info.start)
@@ -198,8 +203,10 @@ def _shard_paths(source: Path) -> list[Path]:
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
             shard_names = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise UserError(f"{index_path}: invalid index file ({e})") from None
+            if not all(isinstance(name, str) for name in shard_names):
+                raise TypeError("shard names must be strings")
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{index_path}: invalid index file ({type(e).__name__}: {e})") from None
         shards = [source / name for name in shard_names]
         missing = [str(p.name) for p in shards if not p.is_file()]
         if missing:
@@ -252,8 +259,9 @@ class SafetensorsWriter:
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self._remaining = [(s.name, s.nbytes, s.dtype) for s in reversed(specs)]
+        header = safetensors_header(specs, metadata)
         self._file = open(self.partial, "wb")
-        self._file.write(safetensors_header(specs, metadata))
+        self._file.write(header)
         self._left_in_tensor = 0
 
     def write(self, name: str, chunk: torch.Tensor) -> None:
