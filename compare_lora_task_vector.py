@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         task_vector = stack.enter_context(CheckpointIndex(args.task_vector_path))
         base = stack.enter_context(CheckpointIndex(base_dir)) if base_dir else None
         if base is not None:
-            check_targets_match(adapter, {n: base.info(n).shape for n in base.names()}, f"base model {base_dir}")
+            check_targets_match(adapter, base.shapes(), f"base model {base_dir}")
         staging = stack.enter_context(staged_output_dir(args.output_dir))
         deltas = stack.enter_context(SafetensorsWriter(staging / "lora_deltas.safetensors", lora_delta_specs(adapter)))
         step = stack.enter_context(tensor_progress(len(adapter.targets), "compare", args.verbose))

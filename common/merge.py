@@ -58,7 +58,7 @@ def merge_checkpoint(
     on_tensor: Callable[[str], None] = lambda name: None,
 ) -> MergeSummary:
     """Write the merged weights of every base tensor into `out_dir` as safetensors shards."""
-    check_targets_match(adapter, {n: base.info(n).shape for n in base.names()}, f"base model {base.source}")
+    check_targets_match(adapter, base.shapes(), f"base model {base.source}")
     names = base.names()
     specs = [TensorSpec(n, merged_dtype(base.info(n).dtype, precision), base.info(n).shape) for n in names]
     writer = ShardedWriter(out_dir, specs, max_shard_bytes, {"format": "pt"})

@@ -79,13 +79,13 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     if not isinstance(header, dict):
         raise UserError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise UserError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise UserError(f"{path}: corrupt safetensors header (__metadata__ is not an object of strings)")
     data_start = 8 + header_len
     tensors = [_tensor_info(path, name, entry, data_start) for name, entry in header.items()]
     tensors.sort(key=lambda t: t.start)
     _check_layout(path, tensors, data_start, size)
-    return {t.name: t for t in tensors}, {str(k): str(v) for k, v in metadata.items()}
+    return {t.name: t for t in tensors}, metadata
 
 
 def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
@@ -93,7 +93,7 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> Tenso
         dtype = DTYPES[entry["dtype"]]
         shape = tuple(entry["shape"])
         begin, end = entry["data_offsets"]
-        if not all(isinstance(d, int) and d >= 0 for d in (*shape, begin, end)):
+        if not all(type(d) is int and d >= 0 for d in (*shape, begin, end)):
             raise ValueError
     except KeyError as e:
         raise UserError(f"{path}: tensor {name!r} has an unknown dtype or missing field {e}") from None
@@ -113,6 +113,8 @@ def _check_layout(path: Path, tensors: list[TensorInfo], data_start: int, size: 
         position = t.end
     if position > size:
         raise UserError(f"{path}: truncated safetensors file ({size} bytes, header needs {position})")
+    if position < size:
+        raise UserError(f"{path}: corrupt safetensors file ({size - position} bytes after the last tensor)")
 
 
 def read_bytes_into(f: BinaryIO, buffer: torch.Tensor, offset: int) -> None:
@@ -154,6 +156,9 @@ class CheckpointIndex:
 
     def info(self, name: str) -> TensorInfo:
         return self.tensors[name]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: info.shape for name, info in self.tensors.items()}
 
     def read(self, name: str) -> torch.Tensor:
         """One whole tensor, in its stored dtype."""
@@ -203,8 +208,8 @@ def _shard_paths(source: Path) -> list[Path]:
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
             shard_names = sorted(set(weight_map.values()))
-            if not all(isinstance(name, str) for name in shard_names):
-                raise TypeError("shard names must be strings")
+            if not all(isinstance(name, str) and Path(name).name == name for name in shard_names):
+                raise TypeError("shard names must be plain file names in the same folder")
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError, AttributeError) as e:
             raise UserError(f"{index_path}: invalid index file ({type(e).__name__}: {e})") from None
         shards = [source / name for name in shard_names]
@@ -267,6 +272,8 @@ class SafetensorsWriter:
     def write(self, name: str, chunk: torch.Tensor) -> None:
         """Append the next rows of tensor `name` (tensors must come in the order they were declared)."""
         if self._left_in_tensor == 0:
+            if not self._remaining:
+                raise RuntimeError(f"writer got {name!r} after the last declared tensor")
             expected, nbytes, dtype = self._remaining.pop()
             if name != expected:
                 raise RuntimeError(f"writer expected tensor {expected!r}, got {name!r}")

@@ -28,7 +28,14 @@ def _from_hub(repo_id: str, what: str, patterns: list[str]) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
+        from huggingface_hub.errors import IncompleteSnapshotError
+    except ImportError:  # huggingface_hub before 2.x has no such check
+        IncompleteSnapshotError = ()  # noqa: N806
+
+    try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except IncompleteSnapshotError:
+        raise UserError(f"{what} {repo_id}: the cached snapshot is incomplete; download it again online") from None
     except LocalEntryNotFoundError:
         raise UserError(
             f"{what} {repo_id}: no such local folder, and not in the Hugging Face cache while offline"
