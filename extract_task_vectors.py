@@ -16,6 +16,7 @@ from pathlib import Path
 
 from common.cli import (
     add_overwrite,
+    add_switch,
     base_parser,
     log,
     parse_with_config,
@@ -39,10 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base_model", type=str, default=None, help="hub id or local folder of the base")
     parser.add_argument("--finetuned_model", type=str, default=None, help="merged model folder from step 1")
     parser.add_argument("--output_dir", type=Path, default=None, help="folder for the task vector")
-    parser.add_argument(
+    add_switch(
+        parser,
         "--trust_remote_code",
-        action="store_true",
-        help="accepted for compatibility: extraction streams tensors and never runs model code",
+        "accepted for compatibility (default false): extraction streams tensors and never runs model code",
     )
     add_overwrite(parser)
     args = parse_with_config(parser, argv)

@@ -42,6 +42,21 @@ def base_parser(description: str) -> ArgumentParser:
     return parser
 
 
+def boolean(text: str) -> bool:
+    """A flag's optional value: true/false, yes/no, 1/0 (so `--trust_remote_code false` reads as meant)."""
+    value = text.strip().lower()
+    if value in ("true", "yes", "1"):
+        return True
+    if value in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
+def add_switch(parser: argparse.ArgumentParser, name: str, help: str) -> None:
+    """A flag that is off by default and may be given alone (on) or with a value (`--flag false`)."""
+    parser.add_argument(name, type=boolean, nargs="?", const=True, default=False, metavar="true|false", help=help)
+
+
 def add_overwrite(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --output_dir")
 
@@ -121,7 +136,7 @@ def load_config(path: Path, parser: argparse.ArgumentParser) -> dict:
 
 
 def _check_config_type(path: Path, key: str, value: object, action: argparse.Action) -> None:
-    flag = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+    flag = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)) or action.type is boolean
     if value is None:
         return
     if flag and not isinstance(value, bool):

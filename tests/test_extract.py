@@ -106,7 +106,8 @@ def test_config_file_with_command_line_override(tiny, tmp_path, pipeline):
         f"base_model: {tiny.base}\nfinetuned_model: {pipeline('fp32').merged}\n"
         f"output_dir: {tmp_path / 'from_config'}\ntrust_remote_code: false\n"
     )
-    result = run_script("extract_task_vectors.py", "--config", config, "--output_dir", tmp_path / "from_flag")
+    args = ["--config", config, "--output_dir", tmp_path / "from_flag", "--trust_remote_code", "false"]
+    result = run_script("extract_task_vectors.py", *args)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "from_flag" / "task_vector.safetensors").is_file()
     assert not (tmp_path / "from_config").exists()
