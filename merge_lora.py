@@ -1,19 +1,30 @@
 """Step 1: merge a LoRA adapter into its base model, tensor by tensor, at fp32, fp16 or bf16.
 
-    python merge_lora.py --base_model bigcode/starcoder2-3b --lora_path checkpoint-40000/ \
+    python merge_lora.py --base_model bigcode/starcoder2-3b --lora_path checkpoint-40000/ \\
         --output_dir merged_model_fp32 --precision fp32
 
-The result is a normal Hugging Face model folder, bitwise equal to peft's `merge_and_unload()`
-on the same device, written without ever holding the model in memory.
+The result is a normal Hugging Face model folder, bitwise equal to peft's `merge_and_unload()` on
+the same device, written without ever holding the model in memory. `--engine peft` runs peft's own
+merge instead (the whole model in memory), kept for cross-checks.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
-from common.adapter import LoraAdapter
-from common.cli import add_overwrite, base_parser, log, resolve_device, run, setup_logging, tensor_progress
-from common.merge import merge_checkpoint, write_model_files
+from common.adapter import LoraAdapter, check_base_supported
+from common.cli import (
+    add_overwrite,
+    base_parser,
+    log,
+    peak_memory_gb,
+    resolve_device,
+    run,
+    setup_logging,
+    tensor_progress,
+)
+from common.merge import merge_checkpoint, merge_with_peft, read_config, write_model_files
 from common.outputs import check_output_dir, staged_output_dir
 from common.precision import PRECISIONS, dtype_of
 from common.safetensors_io import CheckpointIndex
@@ -26,24 +37,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora_path", default="checkpoint-40000/", help="adapter or checkpoint-N folder, or hub id")
     parser.add_argument("--output_dir", type=Path, default=Path("merged_model"), help="merged model folder")
     parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="dtype of the merged model")
+    parser.add_argument(
+        "--engine",
+        default="stream",
+        choices=["stream", "peft"],
+        help="stream: tensor by tensor (default); peft: transformers + merge_and_unload (whole model in memory)",
+    )
     add_overwrite(parser)
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    started = time.perf_counter()
 
     precision = dtype_of(args.precision)
     device = resolve_device(args.device)
     base_dir = resolve_model(args.base_model, "base model")
+    config = read_config(base_dir)
+    check_base_supported(base_dir / "config.json")
     adapter = LoraAdapter(resolve_adapter(args.lora_path))
     check_output_dir(args.output_dir, [base_dir, adapter.folder], args.overwrite)
 
     with CheckpointIndex(base_dir) as base, staged_output_dir(args.output_dir) as staging:
-        with tensor_progress(len(base), "merge", args.verbose) as step:
-            summary = merge_checkpoint(base, adapter, staging, precision, device, on_tensor=step)
-        write_model_files(base_dir, adapter.folder, staging, precision)
+        if args.engine == "peft":
+            merge_with_peft(base_dir, adapter.folder, staging, precision, device)
+            what = "merged with peft's merge_and_unload"
+        else:
+            total = sum(info.nbytes for info in base.tensors.values())
+            with tensor_progress(total, "merge", args.verbose, unit="B") as step:
+                summary = merge_checkpoint(base, adapter, staging, precision, device, config, on_tensor=step)
+            write_model_files(config, base_dir, adapter.folder, staging, precision, summary.untied)
+            what = f"{len(summary.changed)} of {summary.tensors} tensors changed"
+            if summary.untied:
+                log.info(
+                    "note: the adapter changes the output head and the input embedding differently, which the "
+                    "unmerged model keeps apart: lm_head.weight is written untied (tie_word_embeddings: false)"
+                )
 
     log.info(
-        f"merged {len(summary.merged)} LoRA-adapted tensors into {summary.tensors} tensors "
-        f"at {args.precision} on {device} -> {args.output_dir} ({len(summary.files)} weight file(s))"
+        f"{what} at {args.precision} on {device} -> {args.output_dir} "
+        f"in {time.perf_counter() - started:.1f} s, peak memory {peak_memory_gb():.2f} GB"
     )
     return 0
 

@@ -1,7 +1,16 @@
-"""LoRA adapters: reading the files, peft's scaling rules, and the delta `Δ = scaling · B @ A`.
+"""peft LoRA adapter files: the config, the tensors, and what each tensor does to which base tensor.
 
-The rules follow peft 0.21 (../shared/LORA_MATH.md): `scaling = alpha / r` (or `alpha / √r` with
-rsLoRA), with per-module `rank_pattern` / `alpha_pattern` overrides matched as peft matches them.
+Every tensor of `adapter_model.safetensors` becomes one *change* to one base tensor (keys are
+`base_model.model.<module path>.<kind>`, the adapter name stripped on save):
+
+| adapter key                                  | change                                            |
+|----------------------------------------------|---------------------------------------------------|
+| `M.lora_A.weight`, `M.lora_B.weight`         | `LoraTarget`: W += scaling · B @ A (on `M.weight`) |
+| `M.lora_embedding_A`, `M.lora_embedding_B`   | `LoraTarget` on an embedding: Δ = scaling·(B@A)ᵀ   |
+| `M.lora_magnitude_vector`                    | DoRA magnitude of that `LoraTarget`               |
+| `M.lora_B.bias`                              | `BiasUpdate`: b += scaling · lora_B.bias           |
+| `M.token_adapter.trainable_tokens_delta`     | `TokenRows`: rows `trainable_token_indices` replaced |
+| anything else (`M.base_layer.bias`, `modules_to_save` copies, a saved embedding) | `Replacement`: new values |
 """
 
 from __future__ import annotations
@@ -21,12 +30,16 @@ from common.safetensors_io import CheckpointIndex
 CONFIG_FILE = "adapter_config.json"
 PREFIX = "base_model.model."
 log = logging.getLogger("lora_tv")
-LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.[\w-]+)?\.weight$")
+KEY = re.compile(
+    r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector"
+    r"|token_adapter\.trainable_tokens_delta)(?:\.(?P<rest>[\w.-]+))?$"
+)
+QUANTIZED_MARKERS = ("quantization_config",)
 
 
 @dataclass(frozen=True)
 class LoraTarget:
-    """One adapted linear layer: where its factors are and how peft scales them."""
+    """A low-rank update of one weight: where its factors are and how peft scales them."""
 
     module: str  # module path, e.g. model.layers.0.self_attn.q_proj
     base_name: str  # the base tensor it changes, e.g. model.layers.0.self_attn.q_proj.weight
@@ -36,72 +49,40 @@ class LoraTarget:
     alpha: float
     scaling: float
     fan_in_fan_out: bool
-    shape: tuple[int, ...]  # shape of the base weight (out × in, or in × out with fan_in_fan_out)
+    shape: tuple[int, ...]  # shape of the base weight (out × in; in × out with fan_in_fan_out; vocab × dim)
+    embedding: bool = False
+    magnitude_key: str | None = None  # DoRA
 
 
-class LoraAdapter:
-    """A peft LoRA adapter folder (or Trainer `checkpoint-N/` folder): config plus lazily read factors."""
+@dataclass(frozen=True)
+class BiasUpdate:
+    """`lora_bias=True`: the layer's bias moves by scaling · lora_B.bias."""
 
-    def __init__(self, folder: Path):
-        self.folder = _adapter_folder(Path(folder))
-        self.config = _read_config(self.folder / CONFIG_FILE)
-        self.weights = _AdapterWeights(self.folder)
-        self.targets = self._find_targets()
+    base_name: str
+    key: str
+    scaling: float
 
-    def _find_targets(self) -> dict[str, LoraTarget]:
-        factors: dict[str, dict[str, str]] = {}
-        unsupported = []
-        for key in self.weights.names():
-            match = LORA_KEY.match(key)
-            if match is None:
-                unsupported.append(key)
-                continue
-            module = match["module"].removeprefix(PREFIX)
-            factors.setdefault(module, {})[match["factor"]] = key
-        if unsupported:
-            raise UserError(
-                f"{self.folder}: adapter tensors of a kind this version cannot merge yet "
-                f"(DoRA, embedding LoRA, biases, modules_to_save…): {', '.join(unsupported[:3])}"
-            )
-        targets = {}
-        for module, keys in sorted(factors.items()):
-            if set(keys) != {"A", "B"}:
-                raise UserError(f"{self.folder}: module {module} has lora_{''.join(keys)} but not both factors")
-            target = self._target(module, keys["A"], keys["B"])
-            targets[target.base_name] = target
-        if not targets:
-            raise UserError(f"{self.folder}: the adapter holds no LoRA weights")
-        return targets
 
-    def _target(self, module: str, key_a: str, key_b: str) -> LoraTarget:
-        shape_a, shape_b = self.weights.shape(key_a), self.weights.shape(key_b)
-        if len(shape_a) != 2 or len(shape_b) != 2 or shape_a[0] != shape_b[1]:
-            raise UserError(f"{self.folder}: {module} has factors of shapes {shape_a} and {shape_b}")
-        rank = shape_a[0]
-        config_rank = pattern_value(self.config.get("rank_pattern"), module, self.config.get("r", 8))
-        if config_rank != rank:
-            raise UserError(f"{self.folder}: {module} has rank {rank} but adapter_config.json says {config_rank}")
-        alpha = pattern_value(self.config.get("alpha_pattern"), module, self.config.get("lora_alpha", 8))
-        fan_in_fan_out = bool(self.config.get("fan_in_fan_out", False))
-        out_in = (shape_b[0], shape_a[1])
-        return LoraTarget(
-            module=module,
-            base_name=f"{module}.weight",
-            key_a=key_a,
-            key_b=key_b,
-            rank=rank,
-            alpha=alpha,
-            scaling=lora_scaling(alpha, rank, bool(self.config.get("use_rslora", False))),
-            fan_in_fan_out=fan_in_fan_out,
-            shape=out_in[::-1] if fan_in_fan_out else out_in,
-        )
+@dataclass(frozen=True)
+class Replacement:
+    """New values for a whole tensor; `shared` when they replace a layer's own (possibly tied) parameter."""
 
-    def factors(self, target: LoraTarget) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stored factors (A: r × in, B: out × r)."""
-        return self.weights.read(target.key_a), self.weights.read(target.key_b)
+    base_name: str
+    key: str
+    shared: bool
 
-    def close(self) -> None:
-        self.weights.close()
+
+@dataclass(frozen=True)
+class TokenRows:
+    """Trainable tokens: the rows `indices` of an embedding take the stored values."""
+
+    base_name: str
+    key: str
+    indices: tuple[int, ...]
+
+
+Change = LoraTarget | BiasUpdate | Replacement | TokenRows
+ORDER = {Replacement: 0, LoraTarget: 1, BiasUpdate: 2, TokenRows: 3}  # the order peft applies them in
 
 
 def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
@@ -117,39 +98,147 @@ def pattern_value(patterns: dict | None, module: str, default: float) -> float:
     return default
 
 
-def lora_delta(
-    target: LoraTarget, lora_a: torch.Tensor, lora_b: torch.Tensor, compute_dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """`Δ = scaling · B @ A` (transposed for fan_in_fan_out), the whole matrix, in peft's op order.
+class LoraAdapter:
+    """A peft LoRA adapter folder (or Trainer `checkpoint-N/` folder): config plus lazily read tensors."""
 
-    With `compute_dtype=None` it runs in the dtype peft merges in: fp16/bf16 factors are upcast to
-    fp32 (peft's `autocast_adapter_dtype`), so the result is bitwise what `merge_and_unload` adds.
-    It is computed whole on purpose: row slices of the product take other BLAS kernels when short
-    (measured on CPU: slices of fewer than 12 rows differ in the last bit).
-    """
-    if compute_dtype is None:
-        compute_dtype = torch.float32 if lora_a.dtype in (torch.float16, torch.bfloat16) else lora_a.dtype
-    product = lora_b.to(compute_dtype) @ lora_a.to(compute_dtype)
-    return (product.T if target.fan_in_fan_out else product) * target.scaling
+    def __init__(self, folder: Path):
+        self.folder = _adapter_folder(Path(folder))
+        self.config = _read_config(self.folder / CONFIG_FILE)
+        self.weights = _AdapterWeights(self.folder)
+        self.changes = self._find_changes()
+        self.targets = {c.base_name: c for cs in self.changes.values() for c in cs if isinstance(c, LoraTarget)}
+
+    def _find_changes(self) -> dict[str, list[Change]]:
+        parts: dict[str, dict[str, str]] = {}
+        changes: list[Change] = []
+        for key in self.weights.names():
+            name = key.removeprefix(PREFIX)
+            match = KEY.match(name)
+            if match is None:
+                changes.append(self._replacement(key, name))
+                continue
+            kind = match["kind"] + (".bias" if (match["rest"] or "").endswith("bias") else "")
+            parts.setdefault(match["module"], {})[kind] = key
+        for module, keys in sorted(parts.items()):
+            changes += self._module_changes(module, keys)
+        if not changes:
+            raise UserError(f"{self.folder}: the adapter holds no weights")
+        by_tensor: dict[str, list[Change]] = {}
+        for change in sorted(changes, key=lambda c: ORDER[type(c)]):
+            by_tensor.setdefault(change.base_name, []).append(change)
+        return by_tensor
+
+    def _replacement(self, key: str, name: str) -> Replacement:
+        shared = ".base_layer." in name
+        name = re.sub(r"\.modules_to_save\.[\w-]+\.", ".", name).replace(".base_layer.", ".")
+        return Replacement(base_name=name, key=key, shared=shared)
+
+    def _module_changes(self, module: str, keys: dict[str, str]) -> list[Change]:
+        token_rows: list[Change] = []
+        if "token_adapter.trainable_tokens_delta" in keys:
+            key = keys.pop("token_adapter.trainable_tokens_delta")
+            token_rows.append(TokenRows(f"{module}.weight", key, self._token_indices(module)))
+        if not keys:
+            return token_rows
+        embedding = "lora_embedding_A" in keys or "lora_embedding_B" in keys
+        a, b = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
+        if a not in keys or b not in keys:
+            raise UserError(f"{self.folder}: module {module} lacks {a if a not in keys else b} (incomplete adapter)")
+        target = self._target(module, keys[a], keys[b], embedding, keys.get("lora_magnitude_vector"))
+        changes: list[Change] = [target, *token_rows]
+        if "lora_B.bias" in keys:
+            changes.append(BiasUpdate(f"{module}.bias", keys["lora_B.bias"], target.scaling))
+        return changes
+
+    def _target(self, module: str, key_a: str, key_b: str, embedding: bool, magnitude: str | None) -> LoraTarget:
+        shape_a, shape_b = self.weights.shape(key_a), self.weights.shape(key_b)
+        if len(shape_a) != 2 or len(shape_b) != 2 or shape_a[0] != shape_b[1]:
+            raise UserError(
+                f"{self.folder}: {module} has factors of shapes {list(shape_a)} and {list(shape_b)} "
+                "(only linear and embedding LoRA layers are supported)"
+            )
+        rank = shape_a[0]
+        config_rank = pattern_value(self.config.get("rank_pattern"), module, self.config.get("r", 8))
+        if config_rank != rank:
+            raise UserError(f"{self.folder}: {module} has rank {rank} but adapter_config.json says {config_rank}")
+        alpha = pattern_value(self.config.get("alpha_pattern"), module, self.config.get("lora_alpha", 8))
+        fan_in_fan_out = bool(self.config.get("fan_in_fan_out", False)) and not embedding
+        out_in = (shape_b[0], shape_a[1])
+        if embedding and magnitude:
+            raise UserError(f"{self.folder}: DoRA on the embedding {module} is not supported yet")
+        return LoraTarget(
+            module=module,
+            base_name=f"{module}.weight",
+            key_a=key_a,
+            key_b=key_b,
+            rank=rank,
+            alpha=alpha,
+            scaling=lora_scaling(alpha, rank, bool(self.config.get("use_rslora", False))),
+            fan_in_fan_out=fan_in_fan_out,
+            shape=out_in[::-1] if fan_in_fan_out or embedding else out_in,
+            embedding=embedding,
+            magnitude_key=magnitude,
+        )
+
+    def _token_indices(self, module: str) -> tuple[int, ...]:
+        indices = self.config.get("trainable_token_indices")
+        if isinstance(indices, dict):
+            matching = [v for k, v in indices.items() if module == k or module.endswith(f".{k}")]
+            indices = matching[0] if matching else None
+        if not isinstance(indices, list) or not all(isinstance(i, int) for i in indices):
+            raise UserError(f"{self.folder}: no trainable_token_indices for {module} in {CONFIG_FILE}")
+        return tuple(indices)
+
+    def read(self, key: str) -> torch.Tensor:
+        return self.weights.read(key)
+
+    def factors(self, target: LoraTarget) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored factors (A: r × in, B: out × r)."""
+        return self.weights.read(target.key_a), self.weights.read(target.key_b)
+
+    def expected_shape(self, change: Change) -> tuple[int, ...]:
+        """The base tensor shape a low-rank update, bias update or replacement needs."""
+        return change.shape if isinstance(change, LoraTarget) else self.weights.shape(change.key)
+
+    def close(self) -> None:
+        self.weights.close()
 
 
 def check_targets_match(adapter: LoraAdapter, shapes: dict[str, tuple[int, ...]], what: str) -> None:
-    """Every adapted tensor must exist in `what` under the same name and shape."""
-    missing = [t.base_name for t in adapter.targets.values() if t.base_name not in shapes]
-    wrong = [
-        f"{t.base_name} {list(t.shape)} vs {list(shapes[t.base_name])}"
-        for t in adapter.targets.values()
-        if t.base_name in shapes and tuple(shapes[t.base_name]) != t.shape
-    ]
+    """Every changed tensor must exist in `what` under the same name and shape."""
+    missing = [name for name in adapter.changes if name not in shapes]
+    wrong = []
+    for name, changes in adapter.changes.items():
+        for change in changes:
+            if name in shapes and not _fits(adapter, change, tuple(shapes[name])):
+                wrong.append(f"{name} {list(shapes[name])} vs {_needed(adapter, change)}")
     if missing:
         raise UserError(
-            f"adapter {adapter.folder} targets {len(missing)} tensors not in {what} "
+            f"adapter {adapter.folder} changes {len(missing)} tensors not in {what} "
             f"(built for another model?): {', '.join(missing[:3])}"
         )
     if wrong:
         raise UserError(
-            f"adapter {adapter.folder} does not fit {what} ({len(wrong)} shape mismatches): {'; '.join(wrong[:3])}"
+            f"adapter {adapter.folder} does not fit {what} ({len(wrong)} mismatches): {'; '.join(wrong[:3])}"
         )
+
+
+def _fits(adapter: LoraAdapter, change: Change, shape: tuple[int, ...]) -> bool:
+    if isinstance(change, TokenRows):
+        rows = adapter.weights.shape(change.key)
+        return (
+            len(shape) == 2
+            and shape[1] == rows[1]
+            and rows[0] == len(change.indices)
+            and max(change.indices) < shape[0]
+        )
+    return shape == adapter.expected_shape(change)
+
+
+def _needed(adapter: LoraAdapter, change: Change) -> str:
+    if isinstance(change, TokenRows):
+        return f"rows {list(change.indices)} of width {adapter.weights.shape(change.key)[1]}"
+    return str(list(adapter.expected_shape(change)))
 
 
 def _adapter_folder(folder: Path) -> Path:
@@ -170,16 +259,15 @@ def _adapter_folder(folder: Path) -> Path:
 def _read_config(path: Path) -> dict:
     try:
         config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: invalid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise UserError(f"{path}: invalid JSON ({type(e).__name__})") from None
     if not isinstance(config, dict):
         raise UserError(f"{path}: not a JSON object")
     peft_type = config.get("peft_type", "LORA")
     if peft_type != "LORA":
         raise UserError(f"{path}: peft_type {peft_type} is not supported (only LORA)")
-    for key in ("layer_replication",):
-        if config.get(key):
-            raise UserError(f"{path}: {key} cannot be merged (peft refuses it too)")
+    if config.get("layer_replication"):
+        raise UserError(f"{path}: layer_replication cannot be merged (peft refuses it too)")
     return config
 
 
@@ -220,3 +308,15 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path}: not a dictionary of tensors")
     return state
+
+
+def check_base_supported(config_path: Path) -> None:
+    """Refuse what peft's merge refuses too: quantized base checkpoints."""
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise UserError(f"{config_path}: invalid JSON ({type(e).__name__})") from None
+        if isinstance(config, dict) and any(config.get(k) for k in QUANTIZED_MARKERS):
+            method = config["quantization_config"].get("quant_method", "quantized")
+            raise UserError(f"{config_path}: the base is {method}-quantized; merge into the unquantized base")

@@ -160,12 +160,15 @@ def require(args: argparse.Namespace, *names: str) -> None:
 
 
 @contextlib.contextmanager
-def tensor_progress(total: int, desc: str, verbose: bool) -> Iterator[Callable[[str], None]]:
-    """A callback to call per tensor: a progress bar, or with --verbose a line naming each tensor."""
-    bar = tqdm(total=total, desc=desc, unit="tensor", disable=True if verbose or total == 0 else None, file=sys.stderr)
+def tensor_progress(total: int, desc: str, verbose: bool, unit: str = "tensor") -> Iterator[Callable[..., None]]:
+    """A callback per tensor, `step(line, amount=1)`: a progress bar, or with --verbose the line itself."""
+    scale = {"unit_scale": True, "unit_divisor": 1024} if unit == "B" else {}
+    bar = tqdm(
+        total=total, desc=desc, unit=unit, disable=True if verbose or total == 0 else None, file=sys.stderr, **scale
+    )
 
-    def step(line: str) -> None:
-        bar.update()
+    def step(line: str, amount: int = 1) -> None:
+        bar.update(amount)
         if verbose:
             log.debug(f"  {line}")
 
@@ -173,3 +176,10 @@ def tensor_progress(total: int, desc: str, verbose: bool) -> Iterator[Callable[[
         yield step
     finally:
         bar.close()
+
+
+def peak_memory_gb() -> float:
+    """This process's peak resident memory so far (ru_maxrss is in KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.adapter import LoraAdapter, lora_delta
+from common.adapter import LoraAdapter, LoraTarget
+from common.errors import UserError
+from common.lora import lora_delta
 from common.metrics import PERFECT_COSINE, TensorComparison, add_rounding_check, compare_tensor
 from common.precision import dtype_from_name, is_rounding_artifact_of_delta, short_name
 from common.safetensors_io import CheckpointIndex, SafetensorsWriter, TensorSpec
@@ -52,6 +54,7 @@ def compare_adapter(
     on_tensor: Callable[[str], None] = lambda line: None,
 ) -> Comparison:
     """Compute each Δ in float64, save it (fp32) and compare it with τ; classify τ-only tensors."""
+    check_plain_lora(adapter)
     merge_dtype = dtype_from_name(task_vector.metadata.get("finetuned_dtype", ""))
     comparison = Comparison(tolerance=tolerance, merge_dtype=merge_dtype)
     for name, target in adapter.targets.items():
@@ -72,6 +75,17 @@ def compare_adapter(
         if name not in adapter.targets:
             comparison.task_vector_only[name] = classify_other(name, task_vector, base, merge_dtype, known_status)
     return comparison
+
+
+def check_plain_lora(adapter: LoraAdapter) -> None:
+    """Compare rebuilds Δ = scaling·B@A; other changes (DoRA, biases, copies) need the base and are not done yet."""
+    other = [c for cs in adapter.changes.values() for c in cs if not isinstance(c, LoraTarget) or c.magnitude_key]
+    if other:
+        kinds = sorted({"DoRA" if isinstance(c, LoraTarget) else type(c).__name__ for c in other})
+        raise UserError(
+            f"adapter {adapter.folder}: compare handles plain LoRA updates only so far, and this adapter also "
+            f"holds {', '.join(kinds)} changes ({len(other)} tensors); merge and extract work for it"
+        )
 
 
 def lora_delta_specs(adapter: LoraAdapter) -> list[TensorSpec]:

@@ -1,13 +1,21 @@
-"""The streaming merge: `W' = W + scaling · B @ A`, one base tensor (or row chunk) at a time.
+"""The streaming merge: every base tensor read, changed as peft would change it, written, one at a time.
 
-It reproduces what `PeftModel.merge_and_unload()` computes on the same device: the base weight is
-first cast to the output precision (as `from_pretrained(dtype=...)` does), then the fp32 delta is
-added in place (`W.data += Δ`), which rounds once: `W' = round(W.float() + Δ)`.
+It reproduces what `PeftModel.merge_and_unload()` computes on the same device: each base tensor is
+first cast to the output precision (as `from_pretrained(dtype=...)` does), then the adapter's changes
+are applied in peft's arithmetic (common/lora.py). Tensors the adapter does not touch are cast and
+copied in row chunks, so memory holds at most one changed tensor or one chunk.
+
+Tied embeddings: when the output head shares the input embedding's weight and the adapter changes
+one but not the other (LoRA on `embed_tokens`, `modules_to_save=["lm_head"]` …), the unmerged model
+uses different weights for the two; peft's merge would write the change into both. The output is
+untied instead (`lm_head.weight` written, `tie_word_embeddings: false`), so it computes what the
+unmerged model computes.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,13 +23,17 @@ from pathlib import Path
 
 import torch
 
-from common.adapter import LoraAdapter, check_targets_match, lora_delta
+from common.adapter import ORDER, Change, LoraAdapter, Replacement, TokenRows, check_targets_match
 from common.errors import UserError
+from common.lora import apply_change
 from common.precision import short_name
 from common.safetensors_io import CheckpointIndex, ShardedWriter, TensorSpec, iter_row_chunks
 
+log = logging.getLogger("lora_tv")
 CHUNK_BYTES = 64 * 1024 * 1024
 MAX_SHARD_BYTES = 5 * 1024**3
+HEAD = "lm_head.weight"
+EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -35,16 +47,72 @@ TOKENIZER_FILES = (
 
 
 @dataclass
+class MergePlan:
+    """What to write: every output tensor, the base tensor it starts from, and the changes it gets."""
+
+    specs: list[TensorSpec]
+    sources: dict[str, str]  # output name -> base tensor name
+    changes: dict[str, list[Change]]
+    untied: bool = False
+
+
+@dataclass
 class MergeSummary:
     tensors: int = 0
-    merged: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
     non_finite: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+    untied: bool = False
 
 
 def merged_dtype(stored: torch.dtype, precision: torch.dtype) -> torch.dtype:
     """Floating tensors take the output precision; integer and bool buffers keep their dtype."""
     return precision if stored.is_floating_point else stored
+
+
+def tied_embedding(base: CheckpointIndex, config: dict) -> str | None:
+    """The input embedding the output head is tied to, when the checkpoint leaves the head out."""
+    if HEAD in base or not config.get("tie_word_embeddings", True):
+        return None
+    embeddings = [n for n in base.names() if n.endswith(EMBEDDING_SUFFIXES)]
+    return embeddings[0] if len(embeddings) == 1 else None
+
+
+def plan_merge(base: CheckpointIndex, adapter: LoraAdapter, precision: torch.dtype, config: dict) -> MergePlan:
+    """Match the adapter's changes to base tensors (by name and shape), untying a tied head if needed."""
+    embedding = tied_embedding(base, config)
+    changes = dict(adapter.changes)
+    shapes = base.shapes()
+    if embedding is not None:
+        shapes[HEAD] = shapes[embedding]
+        changes = _tied_changes(changes, embedding)
+    check_targets_match(adapter, shapes, f"base model {base.source}")
+    sources = {name: name for name in base.names()}
+    untied = embedding is not None and changes.get(HEAD, []) != changes.get(embedding, [])
+    if untied:
+        sources[HEAD] = embedding
+    else:
+        changes.pop(HEAD, None)
+    specs = [
+        TensorSpec(out, merged_dtype(base.info(src).dtype, precision), shapes[src]) for out, src in sources.items()
+    ]
+    return MergePlan(specs=specs, sources=sources, changes=changes, untied=untied)
+
+
+def _tied_changes(changes: dict[str, list[Change]], embedding: str) -> dict[str, list[Change]]:
+    """Changes to the shared parameter itself (a reloaded base layer, trainable tokens) reach both names."""
+
+    def shared(change: Change) -> bool:
+        return isinstance(change, TokenRows) or (isinstance(change, Replacement) and change.shared)
+
+    both = [c for name in (HEAD, embedding) for c in changes.get(name, []) if shared(c)]
+    tied = dict(changes)
+    for name in (HEAD, embedding):
+        own = [c for c in changes.get(name, []) if not shared(c)]
+        merged = sorted(both + own, key=lambda c: ORDER[type(c)])
+        if merged:
+            tied[name] = merged
+    return tied
 
 
 def merge_checkpoint(
@@ -53,76 +121,119 @@ def merge_checkpoint(
     out_dir: Path,
     precision: torch.dtype,
     device: torch.device,
+    config: dict,
     chunk_bytes: int = CHUNK_BYTES,
     max_shard_bytes: int = MAX_SHARD_BYTES,
-    on_tensor: Callable[[str], None] = lambda name: None,
+    on_tensor: Callable[[str, int], None] = lambda name, nbytes: None,
 ) -> MergeSummary:
     """Write the merged weights of every base tensor into `out_dir` as safetensors shards."""
-    check_targets_match(adapter, base.shapes(), f"base model {base.source}")
-    names = base.names()
-    specs = [TensorSpec(n, merged_dtype(base.info(n).dtype, precision), base.info(n).shape) for n in names]
-    writer = ShardedWriter(out_dir, specs, max_shard_bytes, {"format": "pt"})
-    summary = MergeSummary(tensors=len(names), files=[f for f, _ in writer.shards])
+    plan = plan_merge(base, adapter, precision, config)
+    writer = ShardedWriter(out_dir, plan.specs, max_shard_bytes, {"format": "pt"})
+    summary = MergeSummary(tensors=len(plan.specs), files=[f for f, _ in writer.shards], untied=plan.untied)
     try:
-        for spec in specs:
-            merge_tensor(base, adapter, spec, device, chunk_bytes, writer, summary)
-            on_tensor(spec.name)
+        for spec in plan.specs:
+            changes = plan.changes.get(spec.name, [])
+            source = plan.sources[spec.name]
+            if changes:
+                finite = write_changed(base, source, spec, changes, adapter, device, writer)
+                summary.changed.append(spec.name)
+            else:
+                finite = write_cast(base, source, spec, device, chunk_bytes, writer)
+            if not finite:
+                summary.non_finite.append(spec.name)
+            writer.tensor_done(spec.name)
+            on_tensor(spec.name, spec.nbytes)
         writer.close()
     except BaseException:
         writer.abort()
         raise
     if summary.non_finite:
         raise UserError(
-            f"the merge at {short_name(precision)} overflows in {len(summary.non_finite)} tensors "
-            f"({', '.join(summary.non_finite[:3])}); merge at fp32 or bf16"
+            f"the merge at {short_name(precision)} gives non-finite values (overflow) in {len(summary.non_finite)} "
+            f"tensors: {', '.join(summary.non_finite[:3])}; merge at fp32 or bf16"
         )
     return summary
 
 
-def merge_tensor(
-    base: CheckpointIndex,
-    adapter: LoraAdapter,
-    spec: TensorSpec,
-    device: torch.device,
-    chunk_bytes: int,
-    writer: ShardedWriter,
-    summary: MergeSummary,
-) -> None:
-    """Cast one base tensor to its output dtype, chunk by chunk, adding rows of its LoRA delta if it has one.
-
-    The delta is computed whole, exactly as peft computes it, then sliced: bitwise peft's at any chunk size.
-    """
-    target = adapter.targets.get(spec.name)
-    delta = lora_delta(target, *(f.to(device) for f in adapter.factors(target))) if target else None
+def write_cast(
+    base: CheckpointIndex, source: str, spec: TensorSpec, device: torch.device, chunk_bytes: int, writer: ShardedWriter
+) -> bool:
+    """A tensor the adapter does not touch: cast to the output dtype in row chunks. True when finite."""
     finite = True
-    for start, stop in iter_row_chunks(spec.shape, base.info(spec.name).dtype, chunk_bytes):
-        weight = base.read_rows(spec.name, start, stop).to(device).to(spec.dtype)
-        if delta is not None:
-            weight += delta[start:stop]
-            finite = finite and bool(torch.isfinite(weight).all())
-        writer.write(spec.name, weight)
-    writer.tensor_done(spec.name)
-    if target is not None:
-        summary.merged.append(spec.name)
-        if not finite:
-            summary.non_finite.append(spec.name)
+    for start, stop in iter_row_chunks(spec.shape, base.info(source).dtype, chunk_bytes):
+        chunk = base.read_rows(source, start, stop).to(device).to(spec.dtype)
+        finite = finite and (not spec.dtype.is_floating_point or bool(torch.isfinite(chunk).all()))
+        writer.write(spec.name, chunk)
+    return finite
 
 
-def write_model_files(base_dir: Path, adapter_dir: Path, out_dir: Path, precision: torch.dtype) -> list[str]:
-    """config.json (recording the dtype written), generation config and tokenizer files beside the weights."""
+def write_changed(
+    base: CheckpointIndex,
+    source: str,
+    spec: TensorSpec,
+    changes: list[Change],
+    adapter: LoraAdapter,
+    device: torch.device,
+    writer: ShardedWriter,
+) -> bool:
+    """A tensor the adapter changes: whole, cast, then every change in peft's order. True when finite."""
+    weight = base.read(source).to(device).to(spec.dtype)
+    for change in changes:
+        weight = apply_change(weight, change, adapter)
+    writer.write(spec.name, weight)
+    return bool(torch.isfinite(weight).all())
+
+
+def read_config(base_dir: Path) -> dict:
     config_path = base_dir / "config.json"
     if not config_path.is_file():
         raise UserError(f"base model {base_dir}: no config.json")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise UserError(f"{config_path}: invalid JSON ({type(e).__name__})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{config_path}: not a JSON object")
+    return config
+
+
+def write_model_files(
+    config: dict, base_dir: Path, adapter_dir: Path, out_dir: Path, precision: torch.dtype, untied: bool
+) -> list[str]:
+    """config.json (recording the dtype written), generation config and tokenizer files beside the weights."""
+    config = dict(config)
     dtype_name = str(precision).removeprefix("torch.")
     config["dtype"] = dtype_name
     if "torch_dtype" in config:
         config["torch_dtype"] = dtype_name
+    if untied:
+        config["tie_word_embeddings"] = False
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    copied = ["config.json"]
-    for name in ("generation_config.json", *TOKENIZER_FILES):
+    return [
+        "config.json",
+        *copy_side_files(base_dir, adapter_dir, out_dir, ("generation_config.json", *TOKENIZER_FILES)),
+    ]
+
+
+def copy_side_files(base_dir: Path, adapter_dir: Path, out_dir: Path, names: tuple[str, ...]) -> list[str]:
+    """Copy each file from the adapter folder when it has one (a tokenizer trained along), else from the base."""
+    copied = []
+    for name in names:
         source = adapter_dir / name if (adapter_dir / name).is_file() else base_dir / name
         if source.is_file():
             shutil.copyfile(source, out_dir / name)
             copied.append(name)
     return copied
+
+
+def merge_with_peft(
+    base_dir: Path, adapter_dir: Path, out_dir: Path, precision: torch.dtype, device: torch.device
+) -> None:
+    """The reference path: transformers load, `PeftModel.from_pretrained`, `merge_and_unload`, `save_pretrained`."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=precision).to(device)
+    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    merged.save_pretrained(out_dir)
+    copy_side_files(base_dir, adapter_dir, out_dir, TOKENIZER_FILES)

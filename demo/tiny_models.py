@@ -103,16 +103,19 @@ def _build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_base(out_dir: Path, *, num_layers: int = 2, seed: int = 0) -> Path:
-    """Write a tiny fp32 Starcoder2 (perturbed weights, sharded) plus its tokenizer to out_dir; return it."""
+def build_base(out_dir: Path, *, num_layers: int = 2, seed: int = 0, hidden_size: int = 64) -> Path:
+    """Write a tiny fp32 Starcoder2 (perturbed weights, sharded) plus its tokenizer to out_dir; return it.
+
+    `hidden_size` (a multiple of 4 heads; MLP 4× wider) makes it larger, e.g. for memory measurements.
+    """
     out_dir = Path(out_dir)
     tokenizer = _build_tokenizer()
     if len(tokenizer) > VOCAB_SIZE:
         raise RuntimeError(f"tokenizer has {len(tokenizer)} tokens, model vocab is {VOCAB_SIZE}")
     config = Starcoder2Config(
         vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=256,
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,

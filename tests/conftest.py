@@ -117,3 +117,37 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny GPT-2 (Conv1D layers, tied wte / lm_head), every tensor perturbed, saved as safetensors in fp32."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("tiny_gpt2")
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=512, n_positions=64, tie_word_embeddings=True)
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.02 * torch.randn_like(param))
+    model.save_pretrained(folder)
+    return folder
+
+
+def build_peft_adapter(base: Path, out: Path, seed: int = 3, **lora_config) -> Path:
+    """An adapter saved by peft itself, every trainable tensor (B, magnitudes, copies, token rows) randomised."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        LoraConfig(init_lora_weights=False, task_type="CAUSAL_LM", **lora_config),
+    )
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param) * (param.abs().mean() + 0.1))
+    model.save_pretrained(out)
+    return out

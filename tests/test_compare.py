@@ -11,7 +11,8 @@ import torch
 from conftest import assert_user_error, run_script
 from safetensors.torch import load_file
 
-from common.adapter import LoraAdapter, lora_delta
+from common.adapter import LoraAdapter
+from common.lora import lora_delta
 from common.metrics import compare_tensor, cosine
 
 SUMMARY_KEYS = {

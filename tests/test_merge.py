@@ -11,7 +11,7 @@ from conftest import PRECISIONS, assert_user_error, load_weights, peft_merged_st
 from safetensors.torch import load_file, save_file
 
 from common.adapter import LoraAdapter
-from common.merge import merge_checkpoint
+from common.merge import merge_checkpoint, read_config
 from common.safetensors_io import CheckpointIndex
 
 
@@ -37,7 +37,9 @@ def test_row_chunked_merge_is_bitwise_the_same(tiny, pipeline, tmp_path, precisi
     with CheckpointIndex(tiny.base) as base:
         adapter = LoraAdapter(tiny.adapter)
         dtype, cpu = PRECISIONS[precision], torch.device("cpu")
-        summary = merge_checkpoint(base, adapter, tmp_path, dtype, cpu, chunk_bytes=3 * 64 * 4, max_shard_bytes=40_000)
+        summary = merge_checkpoint(
+            base, adapter, tmp_path, dtype, cpu, read_config(tiny.base), chunk_bytes=3 * 64 * 4, max_shard_bytes=40_000
+        )
     assert len(summary.files) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
     chunked, whole = load_weights(tmp_path), load_weights(pipeline(precision).merged)
     assert chunked.keys() == whole.keys()
@@ -128,5 +130,75 @@ def test_fp16_overflow_fails_and_writes_nothing(tiny, tmp_path):
     out = tmp_path / "out"
     args = ["--base_model", tiny.base, "--lora_path", adapter, "--output_dir", out, "--precision", "fp16"]
     result = run_script("merge_lora.py", *args)
-    assert_user_error(result, "overflows", "layers.1.self_attn.v_proj.weight")
+    assert_user_error(result, "overflow", "layers.1.self_attn.v_proj.weight")
     assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_adapter_model_bin_is_read_with_weights_only(tiny, pipeline, tmp_path):
+    adapter = tmp_path / "bin_adapter"
+    adapter.mkdir()
+    shutil.copy(tiny.adapter / "adapter_config.json", adapter)
+    torch.save(load_file(tiny.adapter / "adapter_model.safetensors"), adapter / "adapter_model.bin")
+    out = tmp_path / "out"
+    assert (
+        run_script("merge_lora.py", "--base_model", tiny.base, "--lora_path", adapter, "--output_dir", out).returncode
+        == 0
+    )
+    merged, expected = load_weights(out), load_weights(pipeline("fp32").merged)
+    assert all(torch.equal(merged[n], expected[n]) for n in expected)
+
+
+class _Payload:
+    """Unpickling this runs code: it creates the file named in its argument."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_pickles_are_never_executed(tiny, tmp_path):
+    checkpoint = tmp_path / "checkpoint-5"
+    shutil.copytree(tiny.adapter, checkpoint)
+    marker = tmp_path / "code_ran"
+    torch.save(_Payload(marker), checkpoint / "training_args.bin")  # a Trainer file: never to be loaded
+    out = tmp_path / "out"
+    assert (
+        run_script(
+            "merge_lora.py", "--base_model", tiny.base, "--lora_path", checkpoint, "--output_dir", out
+        ).returncode
+        == 0
+    )
+    assert not marker.exists()
+    # An adapter_model.bin that is a pickle of code is refused by weights_only, with a plain message.
+    (checkpoint / "adapter_model.safetensors").unlink()
+    torch.save({"w": _Payload(marker)}, checkpoint / "adapter_model.bin")
+    result = run_script(
+        "merge_lora.py", "--base_model", tiny.base, "--lora_path", checkpoint, "--output_dir", tmp_path / "o2"
+    )
+    assert_user_error(result, "adapter_model.bin", "cannot be read safely")
+    assert not marker.exists()
+
+
+def test_quantized_base_is_refused(tiny, tmp_path):
+    base = tmp_path / "quantized"
+    shutil.copytree(tiny.base, base)
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (base / "config.json").write_text(json.dumps(config))
+    result = run_script(
+        "merge_lora.py", "--base_model", base, "--lora_path", tiny.adapter, "--output_dir", tmp_path / "o"
+    )
+    assert_user_error(result, "bitsandbytes-quantized")
+
+
+def test_final_line_reports_changes_time_and_peak_memory(tiny, tmp_path):
+    result = run_script(
+        "merge_lora.py", "--base_model", tiny.base, "--lora_path", tiny.adapter, "--output_dir", tmp_path / "o"
+    )
+    assert result.returncode == 0
+    last = result.stdout.strip().splitlines()[-1]
+    assert (
+        last.startswith("8 of 35 tensors changed at fp32 on cpu") and " s, peak memory " in last and last.endswith("GB")
+    )

@@ -1,0 +1,118 @@
+"""Every LoRA variant real adapters carry, merged by streaming and by peft, on tiny StarCoder2 and GPT-2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import PRECISIONS, build_peft_adapter, load_weights, peft_merged_state_dict, run_script
+
+STARCODER2_VARIANTS = {
+    "dora": {"r": 4, "target_modules": ["q_proj", "v_proj", "c_fc"], "use_dora": True},
+    "lora_bias": {"r": 4, "target_modules": ["q_proj", "v_proj"], "lora_bias": True},
+    "bias_lora_only": {"r": 4, "target_modules": ["q_proj", "o_proj"], "bias": "lora_only"},
+    "bias_all": {"r": 4, "target_modules": ["q_proj"], "bias": "all"},
+    "modules_to_save_norms": {"r": 4, "target_modules": ["k_proj"], "modules_to_save": ["norm"]},
+    "trainable_tokens": {"r": 4, "target_modules": ["q_proj"], "trainable_token_indices": [3, 7, 100]},
+    "embedding_lora": {"r": 4, "target_modules": ["embed_tokens", "q_proj"]},
+    "modules_to_save_lm_head": {"r": 4, "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]},
+}
+# With tied embeddings, these change the output head and the input embedding differently.
+UNTIED = {"embedding_lora", "modules_to_save_lm_head"}
+GPT2_VARIANTS = {
+    "conv1d": {"r": 4, "target_modules": ["c_attn", "c_proj"], "fan_in_fan_out": True},
+    "conv1d_dora_mlp": {"r": 4, "target_modules": ["c_fc"], "fan_in_fan_out": True, "use_dora": True},
+}
+
+
+def streamed_merge(base, adapter, out, precision):
+    args = ["--base_model", base, "--lora_path", adapter, "--output_dir", out, "--precision", precision]
+    result = run_script("merge_lora.py", *args)
+    assert result.returncode == 0, result.stderr
+    return load_weights(out), result.stdout
+
+
+@pytest.fixture(scope="module")
+def starcoder2_adapters(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("variants")
+    return {name: build_peft_adapter(tiny.base, root / name, **config) for name, config in STARCODER2_VARIANTS.items()}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("variant", sorted(set(STARCODER2_VARIANTS) - UNTIED))
+def test_variant_is_bitwise_peft(tiny, starcoder2_adapters, tmp_path, variant, precision):
+    adapter = starcoder2_adapters[variant]
+    ours, _ = streamed_merge(tiny.base, adapter, tmp_path / "out", precision)
+    reference = peft_merged_state_dict(tiny.base, adapter, PRECISIONS[precision])
+    assert set(reference) - set(ours) == {"lm_head.weight"}  # tied: left out by save_pretrained as well
+    changed = 0
+    for name, tensor in ours.items():
+        assert tensor.dtype == reference[name].dtype, name
+        assert torch.equal(tensor, reference[name]), name
+        changed += not torch.equal(tensor.float(), load_weights(tiny.base)[name].to(tensor.dtype).float())
+    assert changed > 0
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("variant", sorted(UNTIED))
+def test_tied_head_is_untied_where_the_unmerged_model_keeps_them_apart(
+    tiny, starcoder2_adapters, tmp_path, variant, precision
+):
+    """Every tensor bitwise peft's except the output head, which keeps what the unmerged model computes with."""
+    adapter = starcoder2_adapters[variant]
+    ours, stdout = streamed_merge(tiny.base, adapter, tmp_path / "out", precision)
+    dtype = PRECISIONS[precision]
+    reference = peft_merged_state_dict(tiny.base, adapter, dtype)
+    for name, tensor in ours.items():
+        if name != "lm_head.weight":
+            assert torch.equal(tensor, reference[name]), name
+    base_embedding = load_weights(tiny.base)["model.embed_tokens.weight"].to(dtype)
+    if variant == "embedding_lora":
+        assert torch.equal(ours["lm_head.weight"], base_embedding)  # peft writes embed + Δ into the shared head
+        assert not torch.equal(ours["model.embed_tokens.weight"], base_embedding)
+    else:
+        assert torch.equal(ours["lm_head.weight"], reference["lm_head.weight"])  # the trained copy
+        assert torch.equal(ours["model.embed_tokens.weight"], base_embedding)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert "untied" in stdout
+
+
+@pytest.mark.parametrize("variant", sorted(STARCODER2_VARIANTS))
+def test_merged_logits_equal_the_unmerged_peft_model(tiny, starcoder2_adapters, tmp_path, variant):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    streamed_merge(tiny.base, starcoder2_adapters[variant], tmp_path / "out", "fp32")
+    unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny.base), starcoder2_adapters[variant])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    ids = torch.tensor([[1, 3, 7, 100, 42, 5, 9, 300]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, unmerged(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def gpt2_adapters(tiny_gpt2, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gpt2_variants")
+    return {name: build_peft_adapter(tiny_gpt2, root / name, **config) for name, config in GPT2_VARIANTS.items()}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("variant", sorted(GPT2_VARIANTS))
+def test_gpt2_conv1d_is_bitwise_peft(tiny_gpt2, gpt2_adapters, tmp_path, variant, precision):
+    ours, _ = streamed_merge(tiny_gpt2, gpt2_adapters[variant], tmp_path / "out", precision)
+    reference = peft_merged_state_dict(tiny_gpt2, gpt2_adapters[variant], PRECISIONS[precision])
+    for name, tensor in ours.items():
+        assert torch.equal(tensor, reference[name]), name
+
+
+def test_peft_engine_and_streaming_engine_agree_bitwise(tiny, starcoder2_adapters, tmp_path):
+    adapter = starcoder2_adapters["dora"]
+    streamed, _ = streamed_merge(tiny.base, adapter, tmp_path / "stream", "bf16")
+    args = ["--base_model", tiny.base, "--lora_path", adapter, "--output_dir", tmp_path / "peft", "--precision", "bf16"]
+    result = run_script("merge_lora.py", *args, "--engine", "peft")
+    assert result.returncode == 0, result.stderr
+    with_peft = load_weights(tmp_path / "peft")
+    assert with_peft.keys() == streamed.keys()
+    assert all(torch.equal(with_peft[n], streamed[n]) for n in streamed)
+    assert (tmp_path / "peft" / "tokenizer.json").is_file()
