@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
     log.info(
         f"{what} at {args.precision} on {device} -> {args.output_dir} "
-        f"in {time.perf_counter() - started:.1f} s, peak memory {peak_memory_gb():.2f} GB"
+        f"in {time.perf_counter() - started:.2f} s, peak memory {peak_memory_gb():.2f} GB"
     )
     return 0
 
