@@ -1,13 +1,13 @@
 """Step 2: extract the task vector τ = finetuned − base, tensor by tensor, with an exact account.
 
-    python extract_task_vectors.py --base_model bigcode/starcoder2-3b \
+    python extract_task_vectors.py --base_model bigcode/starcoder2-3b \\
         --finetuned_model merged_model_fp32/ --output_dir task_vectors_fp32/
     python extract_task_vectors.py --config extract_task_vectors_config.yml
 
-Writes <output_dir>/task_vector.safetensors (fp32) and <output_dir>/task_vector_stats.json, which
-classifies every tensor as changed, rounding_artifact (the finetuned tensor is just the base rounded
-to a lower precision) or unchanged. Streaming never instantiates a model, so --trust_remote_code is
-accepted for compatibility but never needed.
+Writes <output_dir>/task_vector.safetensors (fp32; with --shard_size, shards and an index json) and
+<output_dir>/task_vector_stats.json, which classifies every tensor as changed, rounding_artifact (the
+finetuned tensor is just the base rounded to a lower precision) or unchanged. Streaming never
+instantiates a model, so --trust_remote_code is accepted for compatibility but never needed.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from common.cli import (
     add_overwrite,
     add_switch,
     base_parser,
+    byte_size,
     log,
     parse_with_config,
     require,
@@ -26,13 +27,21 @@ from common.cli import (
     setup_logging,
     tensor_progress,
 )
+from common.model_layout import read_config
 from common.outputs import check_output_dir, staged_output_dir
-from common.safetensors_io import CheckpointIndex
+from common.precision import short_name
+from common.safetensors_io import CheckpointIndex, ShardedWriter
 from common.sources import resolve_model
-from common.task_vector import check_same_architecture, extract_task_vector, write_stats
+from common.task_vector import (
+    check_same_architecture,
+    extract_task_vector,
+    plan_extraction,
+    task_vector_specs,
+    write_stats,
+)
 
-TASK_VECTOR_FILE = "task_vector.safetensors"
 STATS_FILE = "task_vector_stats.json"
+COMPUTE_DTYPES = {"fp32": "float32", "fp64": "float64"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base_model", type=str, default=None, help="hub id or local folder of the base")
     parser.add_argument("--finetuned_model", type=str, default=None, help="merged model folder from step 1")
     parser.add_argument("--output_dir", type=Path, default=None, help="folder for the task vector")
+    parser.add_argument("--compute_dtype", default="fp32", choices=list(COMPUTE_DTYPES), help="dtype of τ (fp32)")
+    parser.add_argument("--shard_size", type=byte_size, default=None, help="write shards of this size (e.g. 2GB)")
+    add_switch(parser, "--skip_unchanged", "leave out tensors whose τ is exactly zero (listed in the stats)")
+    add_switch(parser, "--allow_shape_mismatch", "subtract the rows both models have (e.g. a resized vocabulary)")
     add_switch(
         parser,
         "--trust_remote_code",
@@ -50,11 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     require(args, "base_model", "finetuned_model", "output_dir")
     setup_logging(args.verbose)
 
+    import torch
+
+    compute_dtype = getattr(torch, COMPUTE_DTYPES[args.compute_dtype])
     device = resolve_device(args.device)
     base_dir = resolve_model(args.base_model, "base model")
     finetuned_dir = resolve_model(args.finetuned_model, "finetuned model")
     check_output_dir(args.output_dir, [base_dir, finetuned_dir], args.overwrite)
-    check_same_architecture(base_dir, finetuned_dir)
+    configs = (read_config(base_dir, required=False), read_config(finetuned_dir, required=False))
+    check_same_architecture(*configs)
 
     sources = {"base_model": args.base_model, "finetuned_model": args.finetuned_model}
     with (
@@ -62,22 +79,46 @@ def main(argv: list[str] | None = None) -> int:
         CheckpointIndex(finetuned_dir) as finetuned,
         staged_output_dir(args.output_dir) as staging,
     ):
-        with tensor_progress(len(base), "extract", args.verbose) as step:
-            extraction = extract_task_vector(
-                base, finetuned, staging / TASK_VECTOR_FILE, device, sources, on_tensor=step
-            )
+        pairs, extraction = plan_extraction(base, finetuned, configs, args.allow_shape_mismatch)
+        specs = task_vector_specs(base, pairs, compute_dtype)
+        metadata = {
+            **sources,
+            "base_dtype": extraction.base_dtype,
+            "finetuned_dtype": extraction.finetuned_dtype,
+            "compute_dtype": short_name(compute_dtype),
+        }
+        writer = ShardedWriter(staging, specs, args.shard_size or 2**63, metadata, stem="task_vector")
+        with tensor_progress(sum(s.nbytes for s in specs), "extract", args.verbose, unit="B") as step:
+            try:
+                extract_task_vector(
+                    base,
+                    finetuned,
+                    pairs,
+                    extraction,
+                    writer,
+                    device,
+                    compute_dtype,
+                    args.skip_unchanged,
+                    on_tensor=step,
+                )
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
         write_stats(extraction, staging / STATS_FILE, sources)
 
     log.info(extraction.summary_line())
-    for label, names in [
-        ("only in the base (not in the task vector)", extraction.only_in_base),
-        ("only in the finetuned model (not in the task vector)", extraction.only_in_finetuned),
-        ("with different shapes (not in the task vector)", extraction.shape_mismatch),
-        ("not floating point (not in the task vector)", extraction.non_float),
-    ]:
+    for reason, names in extraction.left_out().items():
         if names:
-            log.info(f"{len(names)} tensors {label}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}")
-    log.info(f"wrote {args.output_dir / TASK_VECTOR_FILE} and {args.output_dir / STATS_FILE}")
+            listing = ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+            log.info(f"{len(names)} tensors {reason}, not in the task vector: {listing}")
+    for line in extraction.tied:
+        log.info(f"tied weights: {line}")
+    skipped = sum(t.skipped for t in extraction.tensors)
+    if skipped:
+        log.info(f"{skipped} unchanged tensors left out of the file (--skip_unchanged)")
+    files = [f for f, _ in writer.shards] + ([writer.index_name] if len(writer.shards) > 1 else [])
+    log.info(f"wrote {', '.join(files)} and {STATS_FILE} in {args.output_dir}/")
     return 0
 
 

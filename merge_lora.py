@@ -24,7 +24,8 @@ from common.cli import (
     setup_logging,
     tensor_progress,
 )
-from common.merge import merge_checkpoint, merge_with_peft, read_config, write_model_files
+from common.merge import merge_checkpoint, merge_with_peft, write_model_files
+from common.model_layout import read_config
 from common.outputs import check_output_dir, staged_output_dir
 from common.precision import PRECISIONS, dtype_of
 from common.safetensors_io import CheckpointIndex

@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -50,6 +51,19 @@ def boolean(text: str) -> bool:
     if value in ("false", "no", "0"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
+def byte_size(text: str) -> int:
+    """A size like 5GB, 500MB, 2GiB or a number of bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 2GB or 500MB)")
+    unit = match[2].upper().rstrip("B").rstrip("I")
+    base = 1024 if "I" in match[2].upper() else 1000
+    size = int(float(match[1]) * base ** "_KMGT".index(unit or "_"))
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return size
 
 
 def add_switch(parser: argparse.ArgumentParser, name: str, help: str) -> None:
@@ -132,7 +146,10 @@ def load_config(path: Path, parser: argparse.ArgumentParser) -> dict:
         if key not in actions:
             raise UserError(f"--config {path}: unknown key {key!r} (known: {', '.join(sorted(actions))})")
         _check_config_type(path, key, value, actions[key])
-    return {k: (str(v) if isinstance(v, (int, float)) and actions[k].type is str else v) for k, v in config.items()}
+    return {
+        k: (str(v) if isinstance(v, (int, float)) and actions[k].type in (str, byte_size) else v)
+        for k, v in config.items()
+    }
 
 
 def _check_config_type(path: Path, key: str, value: object, action: argparse.Action) -> None:
@@ -145,10 +162,10 @@ def _check_config_type(path: Path, key: str, value: object, action: argparse.Act
         raise UserError(f"--config {path}: {key} must be a single value, not {value!r}")
     if action.choices and value not in action.choices:
         raise UserError(f"--config {path}: {key} must be one of {', '.join(action.choices)}, not {value!r}")
-    if action.type in (int, float, Path) and not flag:
+    if action.type in (int, float, Path, byte_size) and not flag:
         try:
-            action.type(value)
-        except (TypeError, ValueError):
+            action.type(str(value) if action.type is byte_size else value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
             raise UserError(f"--config {path}: {key} must be a {action.type.__name__}, not {value!r}") from None
 
 

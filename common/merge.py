@@ -26,14 +26,13 @@ import torch
 from common.adapter import ORDER, Change, LoraAdapter, Replacement, TokenRows, check_targets_match
 from common.errors import UserError
 from common.lora import apply_change
+from common.model_layout import HEAD, tied_embedding
 from common.precision import short_name
 from common.safetensors_io import CheckpointIndex, ShardedWriter, TensorSpec, iter_row_chunks
 
 log = logging.getLogger("lora_tv")
 CHUNK_BYTES = 64 * 1024 * 1024
 MAX_SHARD_BYTES = 5 * 1024**3
-HEAD = "lm_head.weight"
-EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -68,14 +67,6 @@ class MergeSummary:
 def merged_dtype(stored: torch.dtype, precision: torch.dtype) -> torch.dtype:
     """Floating tensors take the output precision; integer and bool buffers keep their dtype."""
     return precision if stored.is_floating_point else stored
-
-
-def tied_embedding(base: CheckpointIndex, config: dict) -> str | None:
-    """The input embedding the output head is tied to, when the checkpoint leaves the head out."""
-    if HEAD in base or not config.get("tie_word_embeddings", True):
-        return None
-    embeddings = [n for n in base.names() if n.endswith(EMBEDDING_SUFFIXES)]
-    return embeddings[0] if len(embeddings) == 1 else None
 
 
 def plan_merge(base: CheckpointIndex, adapter: LoraAdapter, precision: torch.dtype, config: dict) -> MergePlan:
@@ -182,19 +173,6 @@ def write_changed(
         weight = apply_change(weight, change, adapter)
     writer.write(spec.name, weight)
     return bool(torch.isfinite(weight).all())
-
-
-def read_config(base_dir: Path) -> dict:
-    config_path = base_dir / "config.json"
-    if not config_path.is_file():
-        raise UserError(f"base model {base_dir}: no config.json")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise UserError(f"{config_path}: invalid JSON ({type(e).__name__})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{config_path}: not a JSON object")
-    return config
 
 
 def write_model_files(

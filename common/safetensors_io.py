@@ -199,28 +199,33 @@ class CheckpointIndex:
 
 
 def _shard_paths(source: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: a file, an index json, or a folder (with or without an index)."""
     if source.is_file():
-        return [source]
+        return _indexed_shards(source) if source.name.endswith(".index.json") else [source]
     if not source.is_dir():
         raise UserError(f"{source}: no such file or folder")
-    index_path = source / INDEX_FILE
-    if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-            shard_names = sorted(set(weight_map.values()))
-            if not all(isinstance(name, str) and Path(name).name == name for name in shard_names):
-                raise TypeError("shard names must be plain file names in the same folder")
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError, AttributeError) as e:
-            raise UserError(f"{index_path}: invalid index file ({type(e).__name__}: {e})") from None
-        shards = [source / name for name in shard_names]
-        missing = [str(p.name) for p in shards if not p.is_file()]
-        if missing:
-            raise UserError(f"{index_path}: shard files missing: {', '.join(missing[:3])}")
-        return shards
+    indexes = sorted(source.glob("*.safetensors.index.json"))
+    if (source / INDEX_FILE).is_file() or len(indexes) == 1:
+        return _indexed_shards(source / INDEX_FILE if (source / INDEX_FILE).is_file() else indexes[0])
     shards = sorted(source.glob("*.safetensors"))
     if not shards:
         found = "only .bin weights" if any(source.glob("*.bin")) else "no weights"
         raise UserError(f"{source}: {found} (a folder of *.safetensors files is needed)")
+    return shards
+
+
+def _indexed_shards(index_path: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        shard_names = sorted(set(weight_map.values()))
+        if not all(isinstance(name, str) and Path(name).name == name for name in shard_names):
+            raise TypeError("shard names must be plain file names in the same folder")
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{index_path}: invalid index file ({type(e).__name__}: {e})") from None
+    shards = [index_path.parent / name for name in shard_names]
+    missing = [str(p.name) for p in shards if not p.is_file()]
+    if missing:
+        raise UserError(f"{index_path}: shard files missing: {', '.join(missing[:3])}")
     return shards
 
 
@@ -233,12 +238,21 @@ class TensorSpec:
     shape: tuple[int, ...]
 
     @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
+        return self.numel * self.dtype.itemsize
 
 
-def safetensors_header(specs: Iterable[TensorSpec], metadata: dict[str, str] | None = None) -> bytes:
-    """The length prefix and JSON header for tensors stored in the given order, padded to 8 bytes."""
+def safetensors_header(
+    specs: Iterable[TensorSpec], metadata: dict[str, str] | None = None, size: int | None = None
+) -> bytes:
+    """The length prefix and JSON header for tensors stored in the given order, padded to 8 bytes.
+
+    With `size`, the JSON is padded with spaces to exactly `size` bytes in all (it must fit).
+    """
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for spec in specs:
@@ -249,25 +263,35 @@ def safetensors_header(specs: Iterable[TensorSpec], metadata: dict[str, str] | N
         }
         offset += spec.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
+    padding = -len(text) % 8 if size is None else size - 8 - len(text)
+    if padding < 0:
+        raise ValueError("header does not fit the space reserved for it")
+    text += b" " * padding
     return struct.pack("<Q", len(text)) + text
 
 
 class SafetensorsWriter:
     """Writes a safetensors file front to back: header first, then each tensor's bytes in order.
 
-    Tensors may arrive in row chunks; only the chunk being written is in memory. The file appears at
-    `path` only after every byte has been written (it is built as `<path>.partial`).
+    Tensors may arrive in row chunks; only the chunk being written is in memory. A tensor just written
+    can be `discard`ed (its bytes are truncated away and the header, whose space was reserved for all
+    declared tensors, is rewritten without it). The file appears at `path` only after every byte has
+    been written (it is built as `<path>.partial`).
     """
 
     def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None):
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
+        self.metadata = metadata
+        self.kept = list(specs)
+        self._declared = len(specs)
         self._remaining = [(s.name, s.nbytes, s.dtype) for s in reversed(specs)]
         header = safetensors_header(specs, metadata)
+        self._header_size = len(header)
         self._file = open(self.partial, "wb")
         self._file.write(header)
         self._left_in_tensor = 0
+        self._tensor_start = self._header_size
 
     def write(self, name: str, chunk: torch.Tensor) -> None:
         """Append the next rows of tensor `name` (tensors must come in the order they were declared)."""
@@ -278,6 +302,7 @@ class SafetensorsWriter:
             if name != expected:
                 raise RuntimeError(f"writer expected tensor {expected!r}, got {name!r}")
             self._current, self._dtype, self._left_in_tensor = name, dtype, nbytes
+            self._tensor_start = self._file.tell()
         if name != self._current or chunk.dtype != self._dtype:
             raise RuntimeError(f"chunk of {name!r} ({chunk.dtype}) does not continue {self._current!r}")
         data = chunk.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
@@ -286,11 +311,23 @@ class SafetensorsWriter:
         self._file.write(memoryview(data))
         self._left_in_tensor -= data.nbytes
 
+    def discard(self, name: str) -> None:
+        """Leave out the tensor whose bytes were just written in full."""
+        if self._left_in_tensor or getattr(self, "_current", None) != name:
+            raise RuntimeError(f"only the tensor just completed can be discarded, not {name!r}")
+        self._file.seek(self._tensor_start)
+        self._file.truncate()
+        self.kept = [s for s in self.kept if s.name != name]
+        self._current = None
+
     def close(self) -> None:
         """Check that every declared byte was written, then move the file into place."""
         if self._left_in_tensor or self._remaining:
             self.abort()
             raise RuntimeError(f"{self.path}: closed before all tensors were written")
+        if len(self.kept) < self._declared:
+            self._file.seek(0)
+            self._file.write(safetensors_header(self.kept, self.metadata, size=self._header_size))
         self._file.close()
         os.replace(self.partial, self.path)
 
@@ -320,16 +357,19 @@ def iter_row_chunks(shape: tuple[int, ...], dtype: torch.dtype, chunk_bytes: int
 
 
 class ShardedWriter:
-    """Writes tensors in declared order across `model-0000i-of-0000N.safetensors` shards plus the index.
+    """Writes tensors in declared order across `<stem>-0000i-of-0000N.safetensors` shards plus the index.
 
-    With a single shard the file is plain `model.safetensors` and no index is written, as
+    With a single shard the file is plain `<stem>.safetensors` and no index is written, as
     `save_pretrained` does.
     """
 
-    def __init__(self, folder: Path, specs: list[TensorSpec], max_shard_bytes: int, metadata: dict[str, str]):
+    def __init__(
+        self, folder: Path, specs: list[TensorSpec], max_shard_bytes: int, metadata: dict[str, str], stem: str = "model"
+    ):
         self.folder = Path(folder)
         self.metadata = metadata
-        self.shards = plan_shards(specs, max_shard_bytes)
+        self.index_name = f"{stem}.safetensors.index.json"
+        self.shards = plan_shards(specs, max_shard_bytes, stem)
         self.weight_map = {s.name: file for file, shard in self.shards for s in shard}
         self._pending = list(reversed(self.shards))
         self._writer: SafetensorsWriter | None = None
@@ -341,6 +381,11 @@ class ShardedWriter:
             self._writer = SafetensorsWriter(self.folder / file, shard, self.metadata)
             self._left = {s.name for s in shard}
         self._writer.write(name, chunk)
+
+    def discard(self, name: str) -> None:
+        """Leave out the tensor just written in full (see SafetensorsWriter.discard)."""
+        self._writer.discard(name)
+        del self.weight_map[name]
 
     def tensor_done(self, name: str) -> None:
         """Tell the writer a tensor is complete, so a finished shard is closed straight away."""
@@ -354,9 +399,9 @@ class ShardedWriter:
             self.abort()
             raise RuntimeError(f"{self.folder}: closed before all shards were written")
         if len(self.shards) > 1:
-            total = sum(s.nbytes for _, shard in self.shards for s in shard)
+            total = sum(s.nbytes for _, shard in self.shards for s in shard if s.name in self.weight_map)
             index = {"metadata": {"total_size": total}, "weight_map": self.weight_map}
-            (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+            (self.folder / self.index_name).write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
         if self._writer is not None:
@@ -364,7 +409,9 @@ class ShardedWriter:
             self._writer = None
 
 
-def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[tuple[str, list[TensorSpec]]]:
+def plan_shards(
+    specs: list[TensorSpec], max_shard_bytes: int, stem: str = "model"
+) -> list[tuple[str, list[TensorSpec]]]:
     """Group tensors, in order, into shards of at most `max_shard_bytes` (a larger tensor gets its own)."""
     groups: list[list[TensorSpec]] = [[]]
     size = 0
@@ -375,6 +422,6 @@ def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[tuple[str
         groups[-1].append(spec)
         size += spec.nbytes
     if len(groups) == 1:
-        return [("model.safetensors", groups[0])]
+        return [(f"{stem}.safetensors", groups[0])]
     n = len(groups)
-    return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", group) for i, group in enumerate(groups)]
+    return [(f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors", group) for i, group in enumerate(groups)]

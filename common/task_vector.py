@@ -4,7 +4,8 @@ Every tensor is classified without thresholds:
 - `unchanged`: τ is exactly zero;
 - `rounding_artifact`: the finetuned tensor is the base tensor cast to the finetuned dtype, bit for bit
   (a merge at fp16/bf16 rounds every base tensor, so τ is non-zero though nothing was learned);
-- `changed`: anything else.
+- `changed`: anything else. Its `elements_beyond_rounding` counts the elements that differ from the base
+  rounded to the finetuned dtype: the ones rounding cannot explain.
 """
 
 from __future__ import annotations
@@ -18,11 +19,22 @@ from pathlib import Path
 import torch
 
 from common.errors import UserError
+from common.model_layout import HEAD, tied_embedding
 from common.precision import short_name
-from common.safetensors_io import CheckpointIndex, SafetensorsWriter, TensorSpec, iter_row_chunks
+from common.safetensors_io import CheckpointIndex, ShardedWriter, TensorSpec, iter_row_chunks
 
 CHUNK_BYTES = 64 * 1024 * 1024
 STATUSES = ("changed", "rounding_artifact", "unchanged")
+
+
+@dataclass(frozen=True)
+class TensorPair:
+    """One task-vector tensor: the base and finetuned tensors it is the difference of, and its rows."""
+
+    name: str
+    base_name: str
+    finetuned_name: str
+    rows: int | None  # fewer than both have, with --allow_shape_mismatch
 
 
 @dataclass
@@ -37,6 +49,8 @@ class TensorStats:
     norm: float = 0.0
     max_abs: float = 0.0
     changed_fraction: float = 0.0
+    elements_beyond_rounding: int = 0
+    skipped: bool = False  # left out of the file by --skip_unchanged
 
 
 @dataclass
@@ -48,6 +62,7 @@ class Extraction:
     only_in_finetuned: list[str] = field(default_factory=list)
     shape_mismatch: list[str] = field(default_factory=list)
     non_float: list[str] = field(default_factory=list)
+    tied: list[str] = field(default_factory=list)
     base_dtype: str = "?"  # the most common dtype of the subtracted tensors in each model
     finetuned_dtype: str = "?"
 
@@ -62,45 +77,81 @@ class Extraction:
             f"({self.base_dtype} base -> {self.finetuned_dtype} finetuned), {c['unchanged']} unchanged"
         )
 
+    def left_out(self) -> dict[str, list[str]]:
+        """Tensors not in the task vector, by reason."""
+        return {
+            "only in the base": self.only_in_base,
+            "only in the finetuned model": self.only_in_finetuned,
+            "with different shapes": self.shape_mismatch,
+            "not floating point": self.non_float,
+        }
 
-def check_same_architecture(base_dir: Path, finetuned_dir: Path) -> None:
+
+def check_same_architecture(base_config: dict, finetuned_config: dict) -> None:
     """Refuse two models whose config.json name different architectures."""
-    types = [_model_type(d) for d in (base_dir, finetuned_dir)]
+    types = [c.get("model_type") for c in (base_config, finetuned_config)]
     if None not in types and types[0] != types[1]:
         raise UserError(f"base is a {types[0]} model but finetuned is a {types[1]} model: not the same architecture")
 
 
-def _model_type(folder: Path) -> str | None:
-    config = folder / "config.json" if folder.is_dir() else None
-    if config is None or not config.is_file():
-        return None
-    try:
-        return json.loads(config.read_text()).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        raise UserError(f"{config}: invalid JSON") from None
-
-
-def plan_extraction(base: CheckpointIndex, finetuned: CheckpointIndex) -> tuple[list[str], Extraction]:
-    """The tensors both models hold as floats of one shape (in base storage order); the rest, sorted out."""
+def plan_extraction(
+    base: CheckpointIndex,
+    finetuned: CheckpointIndex,
+    configs: tuple[dict, dict] = ({}, {}),
+    allow_shape_mismatch: bool = False,
+) -> tuple[list[TensorPair], Extraction]:
+    """The tensor pairs to subtract (in base storage order); the rest sorted out, with reasons."""
     extraction = Extraction()
-    shared = []
+    pairs = []
     for name in base.names():
-        b = base.info(name)
-        f = finetuned.tensors.get(name)
-        if f is None:
+        if name not in finetuned:
             extraction.only_in_base.append(name)
-        elif not (b.dtype.is_floating_point and f.dtype.is_floating_point):
-            extraction.non_float.append(name)
-        elif b.shape != f.shape:
-            extraction.shape_mismatch.append(f"{name} {list(b.shape)} vs {list(f.shape)}")
-        else:
-            shared.append(name)
+        elif pair := _pair(base, finetuned, name, name, allow_shape_mismatch, extraction):
+            pairs.append(pair)
     extraction.only_in_finetuned = [n for n in finetuned.names() if n not in base]
-    if not shared:
+    pairs += _tied_head_pairs(base, finetuned, configs, extraction, allow_shape_mismatch)
+    if not pairs:
         raise UserError(f"{base.source} and {finetuned.source} have no tensors in common: not the same model")
-    extraction.base_dtype = _most_common_dtype(base, shared)
-    extraction.finetuned_dtype = _most_common_dtype(finetuned, shared)
-    return shared, extraction
+    extraction.base_dtype = _most_common_dtype(base, [p.base_name for p in pairs])
+    extraction.finetuned_dtype = _most_common_dtype(finetuned, [p.finetuned_name for p in pairs])
+    return pairs, extraction
+
+
+def _pair(
+    base: CheckpointIndex, finetuned: CheckpointIndex, base_name: str, ft_name: str, allow: bool, out: Extraction
+) -> TensorPair | None:
+    b, f = base.info(base_name), finetuned.info(ft_name)
+    if not (b.dtype.is_floating_point and f.dtype.is_floating_point):
+        out.non_float.append(base_name)
+        return None
+    if b.shape == f.shape:
+        return TensorPair(ft_name, base_name, ft_name, None)
+    mismatch = f"{ft_name} {list(b.shape)} vs {list(f.shape)}"
+    if allow and len(b.shape) == len(f.shape) >= 1 and b.shape[1:] == f.shape[1:]:
+        rows = min(b.shape[0], f.shape[0])
+        out.shape_mismatch.append(f"{mismatch} (first {rows} rows compared)")
+        return TensorPair(ft_name, base_name, ft_name, rows)
+    out.shape_mismatch.append(mismatch)
+    return None
+
+
+def _tied_head_pairs(
+    base: CheckpointIndex, finetuned: CheckpointIndex, configs: tuple[dict, dict], out: Extraction, allow: bool
+) -> list[TensorPair]:
+    """An output head saved in one model and tied to the embedding in the other: subtract the embedding."""
+    base_embedding, ft_embedding = tied_embedding(base, configs[0]), tied_embedding(finetuned, configs[1])
+    if HEAD in out.only_in_finetuned and base_embedding:
+        out.only_in_finetuned.remove(HEAD)
+        out.tied.append(f"{HEAD}: the base ties it to {base_embedding}")
+        pair = _pair(base, finetuned, base_embedding, HEAD, allow, out)
+    elif HEAD in out.only_in_base and ft_embedding:
+        out.only_in_base.remove(HEAD)
+        out.tied.append(f"{HEAD}: the finetuned model ties it to {ft_embedding}")
+        pair = _pair(base, finetuned, HEAD, ft_embedding, allow, out)
+        pair = pair and TensorPair(HEAD, HEAD, ft_embedding, pair.rows)
+    else:
+        return []
+    return [pair] if pair else []
 
 
 def _most_common_dtype(checkpoint: CheckpointIndex, names: list[str]) -> str:
@@ -108,64 +159,76 @@ def _most_common_dtype(checkpoint: CheckpointIndex, names: list[str]) -> str:
     return counted.most_common(1)[0][0]
 
 
+def task_vector_specs(base: CheckpointIndex, pairs: list[TensorPair], compute_dtype: torch.dtype) -> list[TensorSpec]:
+    """The shapes of the task vector file, known before any tensor is read."""
+    specs = []
+    for pair in pairs:
+        shape = base.info(pair.base_name).shape
+        specs.append(TensorSpec(pair.name, compute_dtype, shape if pair.rows is None else (pair.rows, *shape[1:])))
+    return specs
+
+
 def extract_task_vector(
     base: CheckpointIndex,
     finetuned: CheckpointIndex,
-    out_file: Path,
+    pairs: list[TensorPair],
+    extraction: Extraction,
+    writer: ShardedWriter,
     device: torch.device,
-    metadata: dict[str, str],
     compute_dtype: torch.dtype = torch.float32,
+    skip_unchanged: bool = False,
     chunk_bytes: int = CHUNK_BYTES,
-    on_tensor: Callable[[str], None] = lambda line: None,
+    on_tensor: Callable[..., None] = lambda line, amount=1: None,
 ) -> Extraction:
-    """Write τ for every shared tensor to `out_file` (in `compute_dtype`) and classify each one."""
-    names, extraction = plan_extraction(base, finetuned)
-    specs = [TensorSpec(n, compute_dtype, base.info(n).shape) for n in names]
-    header = {
-        **metadata,
-        "base_dtype": extraction.base_dtype,
-        "finetuned_dtype": extraction.finetuned_dtype,
-        "compute_dtype": short_name(compute_dtype),
-    }
-    with SafetensorsWriter(out_file, specs, header) as writer:
-        for name in names:
-            stats = task_vector_tensor(base, finetuned, name, device, compute_dtype, chunk_bytes, writer)
-            extraction.tensors.append(stats)
-            on_tensor(f"{name}: {stats.status} (|τ| = {stats.norm:.3e})")
+    """Write τ for every pair (in `compute_dtype`) and classify each tensor."""
+    for pair, spec in zip(pairs, task_vector_specs(base, pairs, compute_dtype), strict=True):
+        stats = task_vector_tensor(base, finetuned, pair, spec, device, chunk_bytes, writer)
+        if skip_unchanged and stats.status == "unchanged":
+            writer.discard(pair.name)
+            stats.skipped = True
+        writer.tensor_done(pair.name)
+        extraction.tensors.append(stats)
+        on_tensor(f"{pair.name}: {stats.status} (|τ| = {stats.norm:.3e})", spec.nbytes)
     return extraction
 
 
 def task_vector_tensor(
     base: CheckpointIndex,
     finetuned: CheckpointIndex,
-    name: str,
+    pair: TensorPair,
+    spec: TensorSpec,
     device: torch.device,
-    compute_dtype: torch.dtype,
     chunk_bytes: int,
-    writer: SafetensorsWriter,
+    writer: ShardedWriter,
 ) -> TensorStats:
     """τ of one tensor, chunk by chunk, with its exact classification."""
-    b_info, f_info = base.info(name), finetuned.info(name)
-    sum_sq, max_abs, changed, artifact = 0.0, 0.0, 0, f_info.dtype != b_info.dtype
-    for start, stop in iter_row_chunks(b_info.shape, compute_dtype, chunk_bytes):
-        w_base = base.read_rows(name, start, stop).to(device)
-        w_finetuned = finetuned.read_rows(name, start, stop).to(device)
-        tau = w_finetuned.to(compute_dtype) - w_base.to(compute_dtype)
-        writer.write(name, tau)
-        artifact = artifact and torch.equal(w_base.to(w_finetuned.dtype), w_finetuned)
+    b_dtype, f_dtype = base.info(pair.base_name).dtype, finetuned.info(pair.finetuned_name).dtype
+    sum_sq, max_abs, changed, beyond = 0.0, 0.0, 0, 0
+    for start, stop in iter_row_chunks(spec.shape, spec.dtype, chunk_bytes):
+        w_base = base.read_rows(pair.base_name, start, stop).to(device)
+        w_finetuned = finetuned.read_rows(pair.finetuned_name, start, stop).to(device)
+        tau = w_finetuned.to(spec.dtype) - w_base.to(spec.dtype)
+        writer.write(pair.name, tau)
+        beyond += int(torch.count_nonzero(w_finetuned != w_base.to(f_dtype)))
         sum_sq += float(tau.double().square().sum())
         max_abs = max(max_abs, float(tau.abs().max())) if tau.numel() else max_abs
         changed += int(torch.count_nonzero(tau))
-    status = "unchanged" if changed == 0 else "rounding_artifact" if artifact else "changed"
+    if changed == 0:
+        status = "unchanged"
+    elif beyond == 0 and f_dtype != b_dtype:
+        status = "rounding_artifact"
+    else:
+        status = "changed"
     return TensorStats(
-        name=name,
+        name=pair.name,
         status=status,
-        shape=list(b_info.shape),
-        base_dtype=short_name(b_info.dtype),
-        finetuned_dtype=short_name(f_info.dtype),
+        shape=list(spec.shape),
+        base_dtype=short_name(b_dtype),
+        finetuned_dtype=short_name(f_dtype),
         norm=sum_sq**0.5,
         max_abs=max_abs,
-        changed_fraction=changed / max(1, b_info.numel),
+        changed_fraction=changed / max(1, spec.numel),
+        elements_beyond_rounding=beyond,
     )
 
 
@@ -176,6 +239,7 @@ def write_stats(extraction: Extraction, path: Path, sources: dict[str, str]) -> 
             **sources,
             "tensors": len(extraction.tensors),
             **extraction.counts(),
+            "skipped_unchanged": sum(t.skipped for t in extraction.tensors),
             "base_dtype": extraction.base_dtype,
             "finetuned_dtype": extraction.finetuned_dtype,
         },
@@ -184,6 +248,7 @@ def write_stats(extraction: Extraction, path: Path, sources: dict[str, str]) -> 
         "only_in_finetuned": extraction.only_in_finetuned,
         "shape_mismatch": extraction.shape_mismatch,
         "non_float": extraction.non_float,
+        "tied": extraction.tied,
     }
     path.write_text(json.dumps(report, indent=2) + "\n")
 

@@ -67,20 +67,111 @@ def test_screen_summary_and_header_metadata(tiny, tmp_path, pipeline):
     assert metadata["base_model"] == str(tiny.base)
 
 
-def test_a_change_outside_the_adapter_is_classified_changed(tiny, tmp_path, pipeline):
-    """A full fine-tune of one tensor on top of the merge: it must be reported as changed."""
+def extract(tiny, finetuned, out, *extra, base=None):
+    args = ["--base_model", base or tiny.base, "--finetuned_model", finetuned, "--output_dir", out, *extra]
+    result = run_script("extract_task_vectors.py", *args)
+    assert result.returncode == 0, result.stderr
+    stats = json.loads((out / "task_vector_stats.json").read_text())
+    return result, stats, {t["name"]: t for t in stats["tensors"]}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_a_full_finetune_of_one_mlp_layer_is_changed(tiny, tmp_path, pipeline, precision):
+    """A tensor trained outside the adapter (on top of the merge) must be reported as changed, exactly."""
     finetuned = tmp_path / "finetuned"
-    shutil.copytree(pipeline("fp16").merged, finetuned)
-    shard = finetuned / "model.safetensors"
-    weights = load_file(shard)
-    weights["model.norm.bias"] = weights["model.norm.bias"] + 0.5
-    save_file(weights, shard, metadata={"format": "pt"})
+    shutil.copytree(pipeline(precision).merged, finetuned)
+    weights = load_file(finetuned / "model.safetensors")
+    name = "model.layers.1.mlp.c_fc.weight"
+    weights[name][:10] += 0.25
+    save_file(weights, finetuned / "model.safetensors", metadata={"format": "pt"})
+    _, _, by_name = extract(tiny, finetuned, tmp_path / "tv")
+    assert by_name[name]["status"] == "changed"
+    assert by_name[name]["elements_beyond_rounding"] == 10 * weights[name].shape[1]
+    other = "model.layers.1.mlp.c_proj.weight"
+    assert by_name[other]["status"] == ("unchanged" if precision == "fp32" else "rounding_artifact")
+    assert by_name[other]["elements_beyond_rounding"] == 0
+
+
+def test_lora_targets_count_every_element_beyond_rounding(tiny, pipeline):
+    stats = stats_of(pipeline("fp16"))
+    base, finetuned = load_weights(tiny.base), load_weights(pipeline("fp16").merged)
+    for entry in stats["tensors"]:
+        name = entry["name"]
+        expected = int((finetuned[name] != base[name].to(torch.float16)).sum())
+        assert entry["elements_beyond_rounding"] == expected, name
+
+
+def test_fp64_compute_dtype(tiny, tmp_path, pipeline):
+    extract(tiny, pipeline("fp16").merged, tmp_path / "tv", "--compute_dtype", "fp64")
+    task_vector = load_file(tmp_path / "tv" / "task_vector.safetensors")
+    base, finetuned = load_weights(tiny.base), load_weights(pipeline("fp16").merged)
+    for name, tau in task_vector.items():
+        assert tau.dtype == torch.float64 and torch.equal(tau, finetuned[name].double() - base[name].double())
+
+
+def test_shards_with_an_index_and_compare_reads_them(tiny, tmp_path, pipeline):
     out = tmp_path / "tv"
-    args = ["--base_model", tiny.base, "--finetuned_model", finetuned, "--output_dir", out]
-    assert run_script("extract_task_vectors.py", *args).returncode == 0
-    stats = {t["name"]: t for t in json.loads((out / "task_vector_stats.json").read_text())["tensors"]}
-    assert stats["model.norm.bias"]["status"] == "changed"
-    assert stats["model.norm.weight"]["status"] == "rounding_artifact"
+    result, _, _ = extract(tiny, pipeline("fp32").merged, out, "--shard_size", "40KB")
+    index = json.loads((out / "task_vector.safetensors.index.json").read_text())
+    shards = sorted(out.glob("task_vector-*.safetensors"))
+    assert len(shards) > 2 and set(index["weight_map"].values()) == {p.name for p in shards}
+    assert "task_vector.safetensors.index.json" in result.stdout
+    reference = load_file(pipeline("fp32").task_vector_file)
+    sharded = {k: v for shard in shards for k, v in load_file(shard).items()}
+    assert sharded.keys() == reference.keys() and all(torch.equal(sharded[k], reference[k]) for k in reference)
+    for path in (out, out / "task_vector.safetensors.index.json"):
+        args = ["--lora_path", tiny.adapter, "--task_vector_path", path, "--output_dir", tmp_path / f"cmp_{path.name}"]
+        assert run_script("compare_lora_task_vector.py", *args).returncode == 0
+
+
+def test_skip_unchanged_keeps_only_the_changes(tiny, tmp_path, pipeline):
+    result, stats, by_name = extract(tiny, pipeline("fp32").merged, tmp_path / "tv", "--skip_unchanged")
+    kept = load_file(tmp_path / "tv" / "task_vector.safetensors")
+    assert set(kept) == set(LoraAdapter(tiny.adapter).targets)
+    assert stats["summary"]["skipped_unchanged"] == 27 and "27 unchanged tensors left out" in result.stdout
+    assert all(by_name[n]["skipped"] == (n not in kept) for n in by_name)
+    full = load_file(pipeline("fp32").task_vector_file)
+    assert all(torch.equal(kept[n], full[n]) for n in kept)
+    args = ["--lora_path", tiny.adapter, "--task_vector_path", tmp_path / "tv" / "task_vector.safetensors"]
+    assert run_script("compare_lora_task_vector.py", *args, "--output_dir", tmp_path / "cmp").returncode == 0
+
+
+def test_resized_vocabulary_is_reported_or_truncated(tiny, tmp_path, pipeline):
+    finetuned = tmp_path / "finetuned"
+    shutil.copytree(pipeline("fp32").merged, finetuned)
+    weights = load_file(finetuned / "model.safetensors")
+    name = "model.embed_tokens.weight"
+    weights[name] = torch.cat([weights[name], torch.randn(8, weights[name].shape[1])])
+    save_file(weights, finetuned / "model.safetensors", metadata={"format": "pt"})
+    result, stats, by_name = extract(tiny, finetuned, tmp_path / "strict")
+    assert name not in by_name and stats["shape_mismatch"] == [f"{name} [512, 64] vs [520, 64]"]
+    assert "1 tensors with different shapes, not in the task vector" in result.stdout
+    _, stats, by_name = extract(tiny, finetuned, tmp_path / "overlap", "--allow_shape_mismatch")
+    assert by_name[name]["status"] == "unchanged" and by_name[name]["shape"] == [512, 64]
+    assert "first 512 rows compared" in stats["shape_mismatch"][0]
+
+
+def test_output_head_tied_in_one_model_only(tiny, tmp_path):
+    """Our merge unties the head for an embedding LoRA: its τ is taken against the base's tied embedding."""
+    from conftest import build_peft_adapter
+
+    adapter = build_peft_adapter(tiny.base, tmp_path / "adapter", r=4, target_modules=["embed_tokens", "q_proj"])
+    merged = tmp_path / "merged"
+    assert (
+        run_script(
+            "merge_lora.py", "--base_model", tiny.base, "--lora_path", adapter, "--output_dir", merged
+        ).returncode
+        == 0
+    )
+    _, stats, by_name = extract(tiny, merged, tmp_path / "tv")
+    assert stats["tied"] == ["lm_head.weight: the base ties it to model.embed_tokens.weight"]
+    assert by_name["lm_head.weight"]["status"] == "unchanged"  # the head keeps the base embedding
+    assert by_name["model.embed_tokens.weight"]["status"] == "changed"
+    assert stats["only_in_finetuned"] == []
+    # And the other way round: the untied model as the base, the tied one as finetuned.
+    _, stats, by_name = extract(tiny, tiny.base, tmp_path / "reverse", base=merged)
+    assert stats["tied"] == ["lm_head.weight: the finetuned model ties it to model.embed_tokens.weight"]
+    assert by_name["lm_head.weight"]["status"] == "unchanged" and stats["only_in_base"] == []
 
 
 def test_missing_tensor_is_reported_not_crashed_on(tiny, tmp_path, pipeline):

@@ -11,7 +11,8 @@ from conftest import PRECISIONS, assert_user_error, load_weights, peft_merged_st
 from safetensors.torch import load_file, save_file
 
 from common.adapter import LoraAdapter
-from common.merge import merge_checkpoint, read_config
+from common.merge import merge_checkpoint
+from common.model_layout import read_config
 from common.safetensors_io import CheckpointIndex
 
 
