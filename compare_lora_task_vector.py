@@ -4,8 +4,9 @@
         --task_vector_path task_vectors_fp32/task_vector.safetensors --output_dir comparison_results/
 
 Exit code 0: equivalent within --tolerance (absolute); 1: not equivalent (the last line says why);
-2: bad input. Writes lora_deltas.safetensors, comparison_report.json / .csv and
-norm_distribution_comparison.png into --output_dir.
+2: bad input. Writes lora_deltas.safetensors, comparison_report.json / .csv and the plots
+norm_distribution_comparison.png, relative_error_heatmap.png and (with --base_model)
+residual_ulp_histogram.png into --output_dir.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import contextlib
 import json
 from pathlib import Path
 
-from common.adapter import LoraAdapter, check_targets_match
+from common.adapter import LoraAdapter
 from common.cli import add_overwrite, base_parser, log, resolve_device, run, setup_logging, tensor_progress
-from common.compare import compare_adapter, lora_delta_specs, verdict
+from common.compare import compare_adapter, plan_deltas, verdict
+from common.model_layout import read_config
 from common.outputs import check_output_dir, staged_output_dir
-from common.plots import norm_distribution_comparison
+from common.plots import comparison_plots
 from common.reports import comparison_summary, console_block, tensor_rows, write_comparison_reports
 from common.safetensors_io import CheckpointIndex, SafetensorsWriter
 from common.sources import resolve_adapter, resolve_model
@@ -49,21 +51,17 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         task_vector = stack.enter_context(CheckpointIndex(args.task_vector_path))
         base = stack.enter_context(CheckpointIndex(base_dir)) if base_dir else None
-        if base is not None:
-            check_targets_match(adapter, base.shapes(), f"base model {base_dir}")
+        plan = plan_deltas(adapter, base, read_config(base_dir) if base_dir else {})
         staging = stack.enter_context(staged_output_dir(args.output_dir))
-        deltas = stack.enter_context(SafetensorsWriter(staging / "lora_deltas.safetensors", lora_delta_specs(adapter)))
-        step = stack.enter_context(tensor_progress(len(adapter.targets), "compare", args.verbose))
-        comparison = compare_adapter(
-            adapter, task_vector, deltas, device, args.tolerance, base, read_stats(tv_folder / STATS_FILE), step
-        )
+        deltas = stack.enter_context(SafetensorsWriter(staging / "lora_deltas.safetensors", plan.specs))
+        step = stack.enter_context(tensor_progress(len(plan.specs), "compare", args.verbose))
+        known = read_stats(tv_folder / STATS_FILE)
+        comparison = compare_adapter(adapter, plan, task_vector, deltas, device, args.tolerance, base, known, step)
         result = verdict(comparison)
         summary = comparison_summary(comparison, result)
         rows = tensor_rows(comparison)
         write_comparison_reports(summary, rows, staging)
-        norm_distribution_comparison(
-            rows, staging / "norm_distribution_comparison.png", "LoRA delta Δ vs task vector τ"
-        )
+        comparison_plots(rows, comparison.ulp_errors, comparison.merge_dtype, staging)
 
     if args.json:
         print(json.dumps(summary, indent=2))

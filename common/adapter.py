@@ -83,6 +83,12 @@ class TokenRows:
 
 Change = LoraTarget | BiasUpdate | Replacement | TokenRows
 ORDER = {Replacement: 0, LoraTarget: 1, BiasUpdate: 2, TokenRows: 3}  # the order peft applies them in
+KIND_NAMES = {
+    Replacement: "trained copies (modules_to_save, biases)",
+    LoraTarget: "LoRA updates",
+    BiasUpdate: "LoRA biases",
+    TokenRows: "trainable tokens",
+}
 
 
 def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:

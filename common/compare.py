@@ -9,16 +9,18 @@ Sets of tensors:
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from common.adapter import LoraAdapter, LoraTarget
+from common.adapter import KIND_NAMES, BiasUpdate, Change, LoraAdapter, LoraTarget, lora_scaling
 from common.errors import UserError
-from common.lora import lora_delta
-from common.metrics import PERFECT_COSINE, TensorComparison, add_rounding_check, compare_tensor
+from common.lora import apply_changes, base_free_delta
+from common.merge import plan_merge
+from common.metrics import PERFECT_COSINE, TensorComparison, add_rounding_check, compare_tensor, ulp_sample
 from common.precision import dtype_from_name, is_rounding_artifact_of_delta, short_name
 from common.safetensors_io import CheckpointIndex, SafetensorsWriter, TensorSpec
 
@@ -29,9 +31,11 @@ UNCLASSIFIED = "unclassified"
 class Comparison:
     tolerance: float
     merge_dtype: torch.dtype | None
+    scaling: tuple[float, int, bool]  # the adapter's lora_alpha, r and use_rslora, to read a scale factor
     shared: list[TensorComparison] = field(default_factory=list)
     lora_only: list[str] = field(default_factory=list)
     task_vector_only: dict[str, str] = field(default_factory=dict)  # name -> zero | rounding_artifact | ...
+    ulp_errors: list[torch.Tensor] = field(default_factory=list)  # per tensor, a sample of (τ − Δ) in ulps
 
     def only_count(self, status: str) -> int:
         return sum(1 for s in self.task_vector_only.values() if s == status)
@@ -43,8 +47,51 @@ class Verdict:
     reason: str
 
 
+@dataclass(frozen=True)
+class DeltaPlan:
+    """The LoRA deltas to compute: their shapes, and for each the base tensor and changes it comes from."""
+
+    specs: list[TensorSpec]
+    sources: dict[str, str]
+    changes: dict[str, list[Change]]
+
+
+def plan_deltas(adapter: LoraAdapter, base: CheckpointIndex | None, config: dict) -> DeltaPlan:
+    """Every tensor the adapter changes (a tied head included, as the merge treats it), with its shape."""
+    if base is not None:
+        plan = plan_merge(base, adapter, torch.float32, config)
+        specs = [s for s in plan.specs if s.name in plan.changes]
+        return DeltaPlan(specs, plan.sources, {s.name: plan.changes[s.name] for s in specs})
+    needs_base = [c for cs in adapter.changes.values() for c in cs if not _base_free(c)]
+    if needs_base:
+        kinds = sorted({"DoRA magnitudes" if isinstance(c, LoraTarget) else KIND_NAMES[type(c)] for c in needs_base})
+        raise UserError(
+            f"adapter {adapter.folder} holds {', '.join(kinds)} ({len(needs_base)} tensors): the change they make "
+            "depends on the base weights, so pass --base_model"
+        )
+    specs = [TensorSpec(n, torch.float32, adapter.expected_shape(cs[0])) for n, cs in adapter.changes.items()]
+    return DeltaPlan(specs, {s.name: s.name for s in specs}, dict(adapter.changes))
+
+
+def _base_free(change: Change) -> bool:
+    return isinstance(change, BiasUpdate) or (isinstance(change, LoraTarget) and change.magnitude_key is None)
+
+
+def exact_delta(
+    name: str, plan: DeltaPlan, adapter: LoraAdapter, base: CheckpointIndex | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Δ in float64 (and the base tensor when there is one): merged − base, computed as the merge does."""
+    changes = plan.changes[name]
+    if base is None:
+        return sum(base_free_delta(c, adapter, device) for c in changes), None
+    weight = base.read(plan.sources[name]).to(device)
+    exact = weight.double()
+    return apply_changes(exact.clone(), changes, adapter, torch.float64) - exact, weight
+
+
 def compare_adapter(
     adapter: LoraAdapter,
+    plan: DeltaPlan,
     task_vector: CheckpointIndex,
     deltas_writer: SafetensorsWriter,
     device: torch.device,
@@ -54,43 +101,45 @@ def compare_adapter(
     on_tensor: Callable[[str], None] = lambda line: None,
 ) -> Comparison:
     """Compute each Δ in float64, save it (fp32) and compare it with τ; classify τ-only tensors."""
-    check_plain_lora(adapter)
     merge_dtype = dtype_from_name(task_vector.metadata.get("finetuned_dtype", ""))
-    comparison = Comparison(tolerance=tolerance, merge_dtype=merge_dtype)
-    for name, target in adapter.targets.items():
-        factors = [f.to(device) for f in adapter.factors(target)]
-        delta = lora_delta(target, *factors, compute_dtype=torch.float64)
-        deltas_writer.write(name, delta.float())
-        if name not in task_vector:
-            comparison.lora_only.append(name)
+    config = adapter.config
+    scaling = (config.get("lora_alpha", 8), config.get("r", 8), bool(config.get("use_rslora", False)))
+    comparison = Comparison(tolerance=tolerance, merge_dtype=merge_dtype, scaling=scaling)
+    for spec in plan.specs:
+        delta, weight = exact_delta(spec.name, plan, adapter, base, device)
+        deltas_writer.write(spec.name, delta.float())
+        if spec.name not in task_vector:
+            comparison.lora_only.append(spec.name)
             continue
-        tau = task_vector.read(name).to(device)
-        result = compare_tensor(name, delta, tau)
-        if base is not None and merge_dtype is not None and name in base:
-            add_rounding_check(result, base.read(name).to(device), delta, tau, merge_dtype, target.rank)
+        tau = task_vector.read(spec.name).to(device)
+        result = compare_tensor(spec.name, delta, tau)
+        if weight is not None and merge_dtype is not None:
+            check_rounding(result, comparison, weight, delta, tau, plan.changes[spec.name], adapter)
         result.status = "match" if result.max_abs_diff <= tolerance else "mismatch"
         comparison.shared.append(result)
-        on_tensor(f"{name}: cosine {result.cosine:.6f}, max |τ−Δ| {result.max_abs_diff:.2e}, {result.status}")
+        on_tensor(f"{spec.name}: cosine {result.cosine:.6f}, max |τ−Δ| {result.max_abs_diff:.2e}, {result.status}")
     for name in task_vector.names():
-        if name not in adapter.targets:
+        if name not in plan.changes:
             comparison.task_vector_only[name] = classify_other(name, task_vector, base, merge_dtype, known_status)
     return comparison
 
 
-def check_plain_lora(adapter: LoraAdapter) -> None:
-    """Compare rebuilds Δ = scaling·B@A; other changes (DoRA, biases, copies) need the base and are not done yet."""
-    other = [c for cs in adapter.changes.values() for c in cs if not isinstance(c, LoraTarget) or c.magnitude_key]
-    if other:
-        kinds = sorted({"DoRA" if isinstance(c, LoraTarget) else type(c).__name__ for c in other})
-        raise UserError(
-            f"adapter {adapter.folder}: compare handles plain LoRA updates only so far, and this adapter also "
-            f"holds {', '.join(kinds)} changes ({len(other)} tensors); merge and extract work for it"
-        )
-
-
-def lora_delta_specs(adapter: LoraAdapter) -> list[TensorSpec]:
-    """The shapes of `lora_deltas.safetensors`, known before any delta is computed."""
-    return [TensorSpec(name, torch.float32, target.shape) for name, target in adapter.targets.items()]
+def check_rounding(
+    result: TensorComparison,
+    comparison: Comparison,
+    weight: torch.Tensor,
+    delta: torch.Tensor,
+    tau: torch.Tensor,
+    changes: list[Change],
+    adapter: LoraAdapter,
+) -> None:
+    """Is τ − Δ what a merge at the recorded dtype makes? Both by the rounding bound and by redoing that merge."""
+    dtype = comparison.merge_dtype
+    rank = max((c.rank for c in changes if isinstance(c, LoraTarget)), default=1)
+    add_rounding_check(result, weight, delta, tau, dtype, rank)
+    merged = apply_changes(weight.to(dtype, copy=True), changes, adapter)  # the merge adds in place
+    result.reproduces_merge = torch.equal(merged.to(tau.dtype) - weight.to(tau.dtype), tau)
+    comparison.ulp_errors.append(ulp_sample(weight, delta, tau, dtype))
 
 
 def classify_other(
@@ -148,12 +197,16 @@ def verdict(comparison: Comparison) -> Verdict:
 def _why_different(comparison: Comparison, failing: list[TensorComparison]) -> str:
     count = f"{len(failing)}/{len(comparison.shared)} tensors differ by more than {comparison.tolerance:g}"
     dtype = comparison.merge_dtype
-    if all(c.within_rounding for c in failing) and dtype is not None:
-        return f"{count}, all within {short_name(dtype)} rounding of the merged weights: merge at fp32 to remove it"
+    if dtype is not None and all(c.within_rounding or c.reproduces_merge for c in failing):
+        exact = all(c.reproduces_merge for c in comparison.shared)
+        how = f"; τ is bit for bit what a {short_name(dtype)} merge of this adapter gives" if exact else ""
+        return (
+            f"{count}, all within {short_name(dtype)} rounding of the merged weights{how}: merge at fp32 to remove it"
+        )
     scales = [c.scale for c in comparison.shared]
     mean_cosine = statistics.fmean(c.cosine for c in comparison.shared)
     if min(c.cosine for c in comparison.shared) > PERFECT_COSINE and max(scales) - min(scales) < 1e-3 * max(scales):
-        return f"{count}: τ = {statistics.fmean(scales):.6g}·Δ everywhere, a scaling mismatch ({_scale_hint(scales)})"
+        return f"{count}: {_scale_reading(statistics.fmean(scales), *comparison.scaling)}"
     if abs(mean_cosine) < 0.1:
         return f"{count}, with cosine near 0 (mean {mean_cosine:.3f}): the task vector is of another adapter or model"
     if dtype is not None and dtype != torch.float32:
@@ -161,6 +214,14 @@ def _why_different(comparison: Comparison, failing: list[TensorComparison]) -> s
     return count
 
 
-def _scale_hint(scales: list[float]) -> str:
-    c = statistics.fmean(scales)
-    return f"c² = {c * c:.4g}: c = √r means alpha/√r (rsLoRA) was used where alpha/r was meant, 1/√r the reverse"
+def _scale_reading(c: float, alpha: float, rank: int, use_rslora: bool) -> str:
+    """τ = c·Δ in every tensor: say which scaling the merge must have used."""
+    reading = (
+        f"τ = {c:.6g}·Δ in every tensor, a scaling mismatch: the merge scaled B@A by {c:.4g}× the adapter's "
+        f"{'alpha/√r' if use_rslora else 'alpha/r'} = {lora_scaling(alpha, rank, use_rslora):.6g}, "
+        f"as if lora_alpha were {c * alpha:.6g} instead of {alpha:g}"
+    )
+    root = math.sqrt(rank)
+    if abs(c - root) < 1e-3 * root or abs(c - 1 / root) < 1e-3 / root:
+        reading += f"; c = {'√r' if c > 1 else '1/√r'} for r = {rank}: alpha/√r (rsLoRA) and alpha/r were mixed up"
+    return reading

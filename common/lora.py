@@ -33,12 +33,24 @@ def lora_delta(
     return (product.T if target.fan_in_fan_out or target.embedding else product) * target.scaling
 
 
-def apply_change(weight: torch.Tensor, change: Change, adapter: LoraAdapter) -> torch.Tensor:
+def apply_changes(
+    weight: torch.Tensor, changes: list[Change], adapter: LoraAdapter, compute_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Every change of one tensor in order: what `merge_and_unload` leaves (compute_dtype=None), or the same
+    operations with the low-rank products in `compute_dtype` (float64 for exact deltas)."""
+    for change in changes:
+        weight = apply_change(weight, change, adapter, compute_dtype)
+    return weight
+
+
+def apply_change(
+    weight: torch.Tensor, change: Change, adapter: LoraAdapter, compute_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """One change of an adapter applied to one tensor, in peft's arithmetic."""
     if isinstance(change, Replacement):
         return apply_replacement(weight, change, adapter)
     if isinstance(change, LoraTarget):
-        return apply_low_rank(weight, change, adapter)
+        return apply_low_rank(weight, change, adapter, compute_dtype)
     if isinstance(change, BiasUpdate):
         return apply_bias_update(weight, change, adapter)
     return apply_token_rows(weight, change, adapter)
@@ -49,10 +61,12 @@ def apply_replacement(weight: torch.Tensor, change: Replacement, adapter: LoraAd
     return adapter.read(change.key).to(device=weight.device, dtype=weight.dtype)
 
 
-def apply_low_rank(weight: torch.Tensor, target: LoraTarget, adapter: LoraAdapter) -> torch.Tensor:
+def apply_low_rank(
+    weight: torch.Tensor, target: LoraTarget, adapter: LoraAdapter, compute_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """W += Δ in place (one rounding); embeddings add Δ cast to W's dtype; DoRA rescales rows."""
     lora_a, lora_b = (f.to(weight.device) for f in adapter.factors(target))
-    delta = lora_delta(target, lora_a, lora_b)
+    delta = lora_delta(target, lora_a, lora_b, compute_dtype)
     if target.magnitude_key is not None:
         return apply_dora(weight, delta, target, adapter)
     if target.embedding:
@@ -72,6 +86,16 @@ def apply_dora(weight: torch.Tensor, delta: torch.Tensor, target: LoraTarget, ad
     factor = (magnitude / weight_norm).view(-1, 1)
     factor = factor.T if target.fan_in_fan_out else factor
     return (factor * (weight + delta)).to(weight.dtype)
+
+
+def base_free_delta(change: Change, adapter: LoraAdapter, device: torch.device) -> torch.Tensor | None:
+    """The float64 change a plain LoRA update or a LoRA bias makes, which does not depend on the base; else None."""
+    if isinstance(change, LoraTarget) and change.magnitude_key is None:
+        lora_a, lora_b = (f.to(device) for f in adapter.factors(change))
+        return lora_delta(change, lora_a, lora_b, torch.float64)
+    if isinstance(change, BiasUpdate):
+        return adapter.read(change.key).to(device).double() * change.scaling
+    return None
 
 
 def apply_bias_update(bias: torch.Tensor, change: BiasUpdate, adapter: LoraAdapter) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 
 from common.adapter import ORDER, Change, LoraAdapter, Replacement, TokenRows, check_targets_match
 from common.errors import UserError
-from common.lora import apply_change
+from common.lora import apply_changes
 from common.model_layout import HEAD, tied_embedding
 from common.precision import short_name
 from common.safetensors_io import CheckpointIndex, ShardedWriter, TensorSpec, iter_row_chunks
@@ -168,9 +168,7 @@ def write_changed(
     writer: ShardedWriter,
 ) -> bool:
     """A tensor the adapter changes: whole, cast, then every change in peft's order. True when finite."""
-    weight = base.read(source).to(device).to(spec.dtype)
-    for change in changes:
-        weight = apply_change(weight, change, adapter)
+    weight = apply_changes(base.read(source).to(device).to(spec.dtype), changes, adapter)
     writer.write(spec.name, weight)
     return bool(torch.isfinite(weight).all())
 

@@ -28,6 +28,7 @@ class TensorComparison:
     scale: float  # least-squares fit of τ ≈ scale·Δ: ⟨τ,Δ⟩/⟨Δ,Δ⟩, 1.0 when the scaling is right
     max_diff_ulps: float | None = None  # max |τ − Δ| in ulps of the merge dtype at the merged weight
     within_rounding: bool | None = None  # every |τ − Δ| within the rounding a merge at that dtype can make
+    reproduces_merge: bool | None = None  # τ is bit for bit what merging this adapter at that dtype gives
     status: str = ""
 
 
@@ -85,3 +86,13 @@ def add_rounding_check(
     result.within_rounding = bool((diff <= rounding_bound(base, lora_delta, dtype, rank)).all())
     merged = base.double().abs() + lora_delta.double().abs()
     result.max_diff_ulps = float((diff / ulp(merged, dtype)).max()) if diff.numel() else 0.0
+
+
+def ulp_sample(
+    base: torch.Tensor, lora_delta: torch.Tensor, task_vector: torch.Tensor, dtype: torch.dtype, size: int = 20000
+) -> torch.Tensor:
+    """Up to `size` evenly spaced elements of (τ − Δ) in ulps of `dtype` at the merged weight (float32, CPU)."""
+    diff = (task_vector.double() - lora_delta.double()).flatten()
+    scale = ulp((base.double().abs() + lora_delta.double().abs()).flatten(), dtype)
+    step = max(1, diff.numel() // size)
+    return (diff[::step] / scale[::step]).float().cpu()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -62,3 +63,58 @@ def singular_value_spectra(spectra: list, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def relative_error_heatmap(rows: list[dict], path: Path) -> None:
+    """Layer × module grid of log10 ‖τ − Δ‖/‖Δ‖ for the shared tensors: where the agreement is worst."""
+    from common.spectra import module_and_layer
+
+    cells = {}
+    for row in rows:
+        if row["rel_error"] is not None:
+            module, layer = module_and_layer(row["name"])
+            cells[(-1 if layer is None else layer, module)] = row["rel_error"]
+    layers = sorted({layer for layer, _ in cells})
+    modules = sorted({module for _, module in cells})
+    grid = np.full((len(layers), len(modules)), np.nan)
+    for (layer, module), value in cells.items():
+        grid[layers.index(layer), modules.index(module)] = np.log10(max(value, 1e-17))
+    fig, ax = plt.subplots(figsize=(1.2 * len(modules) + 3, 0.3 * len(layers) + 2.5))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xticks(range(len(modules)), modules, rotation=45, ha="right")
+    ax.set_yticks(range(len(layers)), ["other" if layer < 0 else str(layer) for layer in layers])
+    ax.set(xlabel="module", ylabel="layer", title="log10 ‖τ − Δ‖ / ‖Δ‖ per tensor")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def residual_ulp_histogram(samples: list, dtype, path: Path) -> None:
+    """Histogram of τ − Δ in ulps of the merge dtype at the merged weight (a sample of every shared tensor).
+
+    A merge at that dtype puts every element within about one ulp; anything wider is not rounding.
+    """
+    values = np.concatenate([s.numpy() for s in samples])
+    limit = max(1.5, float(np.nanmax(np.abs(values))) if values.size else 1.5)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.hist(values, bins=np.linspace(-limit, limit, 121), color="tab:blue")
+    ax.set_yscale("log")
+    name = str(dtype).removeprefix("torch.")
+    ax.set(xlabel=f"(τ − Δ) / ulp of {name} at the merged weight", ylabel="elements", title="Residual in ulps")
+    for edge in (-1, 1):
+        ax.axvline(edge, color="k", ls="--", lw=1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def comparison_plots(rows: list[dict], ulp_samples: list, merge_dtype, folder: Path) -> list[str]:
+    """compare's plots: norms, the layer × module error map, and (with the base) the residual in ulps."""
+    norm_distribution_comparison(rows, folder / "norm_distribution_comparison.png", "LoRA delta Δ vs task vector τ")
+    relative_error_heatmap(rows, folder / "relative_error_heatmap.png")
+    written = ["norm_distribution_comparison.png", "relative_error_heatmap.png"]
+    if ulp_samples:
+        residual_ulp_histogram(ulp_samples, merge_dtype, folder / "residual_ulp_histogram.png")
+        written.append("residual_ulp_histogram.png")
+    return written

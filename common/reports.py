@@ -13,7 +13,7 @@ from common.metrics import PERFECT_COSINE
 from common.precision import short_name
 
 REPORT_FIELDS = ["name", "status", "cosine", "max_abs_diff", "rel_error", "norm_lora", "norm_task_vector"]
-EXTRA_FIELDS = ["scale", "max_diff_ulps", "within_rounding"]
+EXTRA_FIELDS = ["scale", "max_diff_ulps", "within_rounding", "reproduces_merge"]
 
 
 def comparison_summary(comparison: Comparison, verdict: Verdict) -> dict:
