@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora_file", type=Path, required=True, help="lora_deltas.safetensors from step 3")
     parser.add_argument("--task_vector_file", type=Path, required=True, help="task_vector.safetensors from step 2")
     parser.add_argument("--output_dir", type=Path, default=Path("mathematical_analysis"), help="report folder")
+    parser.add_argument(
+        "--full_svd", action="store_true", help="exact SVDs even of large matrices (default: randomized above 512)"
+    )
     add_overwrite(parser)
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
@@ -38,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         staged_output_dir(args.output_dir) as staging,
     ):
         with tensor_progress(len(lora_deltas), "analyze", args.verbose) as step:
-            analysis = analyze_files(lora_deltas, task_vector, device, step)
+            analysis = analyze_files(lora_deltas, task_vector, device, step, args.full_svd)
         report = analysis_report(analysis)
         (staging / "analysis.json").write_text(json.dumps(report, indent=2) + "\n")
         singular_value_spectra(analysis.tensors, staging / SPECTRA_PLOT)

@@ -28,6 +28,7 @@ def analyze_files(
     task_vector: CheckpointIndex,
     device: torch.device,
     on_tensor: Callable[[str], None] = lambda line: None,
+    full_svd: bool = False,
 ) -> Analysis:
     """Analyze every tensor of `lora_deltas` against τ; count τ's other tensors that are non-zero."""
     analysis = Analysis(merge_dtype=task_vector.metadata.get("finetuned_dtype"))
@@ -38,7 +39,7 @@ def analyze_files(
         delta, tau = lora_deltas.read(name).to(device), task_vector.read(name).to(device)
         if delta.shape != tau.shape or delta.dim() != 2:
             raise UserError(f"{name}: LoRA delta {list(delta.shape)} and task vector {list(tau.shape)} do not match")
-        spectrum = analyze_tensor(name, delta, tau, lora_deltas.info(name).dtype)
+        spectrum = analyze_tensor(name, delta, tau, lora_deltas.info(name).dtype, full_svd)
         analysis.tensors.append(spectrum)
         on_tensor(
             f"{name}: rank Δ {spectrum.rank_lora}, rank τ {spectrum.rank_task_vector}, "
@@ -84,9 +85,13 @@ def findings(analysis: Analysis) -> list[str]:
     if same_rank == n:
         lines.append(f"All {n} task-vector tensors have exactly the numerical rank of their LoRA delta.")
     else:
+        bound = (
+            ", a lower bound from the randomized SVD" if any(s.rank_task_vector_is_lower_bound for s in spectra) else ""
+        )
         lines.append(
             f"{n - same_rank} of {n} task-vector tensors have a higher numerical rank than Δ "
-            f"(up to {max(s.rank_task_vector for s in spectra)}): full-rank noise on top of the LoRA update"
+            f"(up to {max(s.rank_task_vector for s in spectra)}{bound})"
+            ": full-rank noise on top of the LoRA update"
             + (f", as a {analysis.merge_dtype} merge's rounding produces." if analysis.merge_dtype != "fp32" else ".")
         )
     angle = max(s.principal_angle_deg for s in spectra)
@@ -100,6 +105,12 @@ def findings(analysis: Analysis) -> list[str]:
         f"‖τ − Δ‖/‖Δ‖: median {statistics.median(errors):.2e}, max {max(errors):.2e}; "
         f"σ_(r+1)(τ)/σ₁(τ) at most {max(s.sigma_tail_ratio for s in spectra):.2e}."
     )
+    ratios = [s.sigma_next_task_vector / s.predicted_noise_floor for s in spectra if s.predicted_noise_floor > 0]
+    if ratios:
+        lines.append(
+            f"σ_(r+1)(τ) is {min(ratios):.2f}–{max(ratios):.2f}× the noise floor predicted from the residual, "
+            "RMS(τ − Δ)·(√m + √n): what lies under the LoRA subspace is unstructured rounding noise."
+        )
     others = len(analysis.task_vector_only_nonzero)
     lines.append(
         f"Tensors in τ that the adapter does not touch: {others + analysis.task_vector_only_zero} "

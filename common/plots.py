@@ -39,10 +39,11 @@ def norm_distribution_comparison(rows: list[dict], path: Path, title: str) -> No
 
 
 def singular_value_spectra(spectra: list, path: Path) -> None:
-    """Per module type: σᵢ of Δ (solid) and τ (dashed) for every layer, log scale.
+    """Per module type: σᵢ of Δ (solid) and τ (dashed) for every layer, log scale, and the noise floor
+    RMS(τ − Δ)·(√m + √n) predicted for each (dotted).
 
     When τ = Δ the dashed curves lie on the solid ones and drop off after index r; a low-precision
-    merge shows as a dashed floor that continues to the last index.
+    merge shows as a dashed floor at the dotted line, continuing to the last index.
     """
     modules = sorted({s.module for s in spectra})
     cols = min(4, len(modules))
@@ -53,11 +54,14 @@ def singular_value_spectra(spectra: list, path: Path) -> None:
             floor = max(s.singular_values_task_vector[0] * 1e-18, 1e-300)
             ax.semilogy([max(v, floor) for v in s.singular_values_lora], "-", color="tab:blue", lw=1, alpha=0.6)
             ax.semilogy([max(v, floor) for v in s.singular_values_task_vector], "--", color="tab:orange", lw=1)
+            if s.predicted_noise_floor > floor:
+                ax.axhline(s.predicted_noise_floor, color="tab:gray", ls=":", lw=1)
         ax.set(title=module, xlabel="index i", ylabel="σᵢ")
     for ax in list(axes.flat)[len(modules) :]:
         ax.axis("off")
     axes.flat[0].plot([], [], "-", color="tab:blue", label="Δ (LoRA delta)")
     axes.flat[0].plot([], [], "--", color="tab:orange", label="τ (task vector)")
+    axes.flat[0].plot([], [], ":", color="tab:gray", label="predicted noise floor")
     axes.flat[0].legend(loc="lower left", fontsize=8)
     fig.suptitle("Singular value spectra, one curve per layer")
     fig.tight_layout()

@@ -16,6 +16,10 @@ import torch
 from common.metrics import compare_tensor
 
 TOP_SINGULAR_VALUES = 24
+FULL_SVD_MAX = 512  # matrices whose smaller side is at most this get an exact SVD
+FIRST_RANK_GUESS = 32  # Δ's singular values are computed 32 at a time, then 128, 512 … until below tolerance
+OVERSAMPLE = 10
+POWER_ITERATIONS = 6
 
 
 @dataclass
@@ -28,26 +32,34 @@ class TensorSpectrum:
     shape: list[int]
     rank_lora: int
     rank_task_vector: int
+    rank_task_vector_is_lower_bound: bool  # τ's rank exceeds the singular values computed (randomized SVD)
     cosine: float
     rel_error: float
     max_abs_diff: float
+    residual_rms: float  # RMS of τ − Δ over the elements
     scale: float
     norm_lora: float
     norm_task_vector: float
     energy_in_lora_rank: float  # share of ‖τ‖² in its top-r singular directions, r = rank of Δ
     principal_angle_deg: float  # largest angle between the top-r column spaces of Δ and τ
-    sigma_tail_ratio: float  # σ_{r+1}(τ) / σ_1(τ): the floor under the LoRA subspace
+    sigma_next_task_vector: float  # σ_{r+1}(τ): the floor under the LoRA subspace
+    predicted_noise_floor: float  # residual_rms · (√m + √n): the top singular value of a noise matrix
+    sigma_tail_ratio: float  # σ_{r+1}(τ) / σ_1(τ)
     stable_rank_task_vector: float  # ‖τ‖_F² / σ₁²
     singular_values_lora: list[float] = field(default_factory=list)
     singular_values_task_vector: list[float] = field(default_factory=list)
+
+
+def rank_tolerance(sigma_1: float, shape: tuple[int, ...], dtype: torch.dtype) -> float:
+    """σ₁ · max(m, n) · eps(dtype): singular values at or below it are numerically zero."""
+    return float(sigma_1) * max(shape) * torch.finfo(dtype).eps
 
 
 def numerical_rank(singular_values: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> int:
     """Count of σᵢ > σ₁ · max(m, n) · eps(dtype)."""
     if singular_values.numel() == 0 or singular_values[0] == 0:
         return 0
-    tol = singular_values[0] * max(shape) * torch.finfo(dtype).eps
-    return int((singular_values > tol).sum())
+    return int((singular_values > rank_tolerance(singular_values[0], shape, dtype)).sum())
 
 
 def largest_principal_angle(u: torch.Tensor, v: torch.Tensor) -> float:
@@ -69,32 +81,69 @@ def module_and_layer(name: str) -> tuple[str, int | None]:
     return module, int(layer.group(1)) if layer else None
 
 
+def top_singular(matrix: torch.Tensor, k: int, full: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The top-k left singular vectors and values of a float64 matrix, and whether they are all of them.
+
+    Small matrices (or `full`) get an exact SVD. Large ones get a randomized SVD: `torch.svd_lowrank` in
+    float32 (k + 10 columns, 6 power iterations) finds the dominant column space, and a float64 SVD of the
+    matrix projected on it (Rayleigh–Ritz) gives the values and vectors; the top values agree with a full
+    float64 SVD to ~1e-12 relative when they stand above a noise floor, as a LoRA update does (tested).
+    """
+    smallest = min(matrix.shape)
+    if full or smallest <= FULL_SVD_MAX or k + OVERSAMPLE >= smallest:
+        u, s, _ = torch.linalg.svd(matrix, full_matrices=False)
+        return u, s, True
+    torch.manual_seed(0)  # randomized, but reproducible
+    basis, _, _ = torch.svd_lowrank(matrix.float(), q=k + OVERSAMPLE, niter=POWER_ITERATIONS)
+    basis, _ = torch.linalg.qr(basis.double())
+    u_small, s, _ = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
+    return (basis @ u_small)[:, :k], s[:k], False
+
+
+def low_rank_spectrum(matrix: torch.Tensor, dtype: torch.dtype, full: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top singular vectors and values of a (numerically) low-rank matrix: enough of them to drop below the
+    rank tolerance, starting from 32 and growing 4× while the last one is still above it."""
+    k = FIRST_RANK_GUESS
+    while True:
+        u, s, exact = top_singular(matrix, min(k, min(matrix.shape)), full)
+        if exact or s[-1] <= rank_tolerance(s[0], tuple(matrix.shape), dtype):
+            return u, s
+        k *= 4
+
+
 def analyze_tensor(
-    name: str, lora_delta: torch.Tensor, task_vector: torch.Tensor, stored_dtype: torch.dtype
+    name: str, lora_delta: torch.Tensor, task_vector: torch.Tensor, stored_dtype: torch.dtype, full_svd: bool = False
 ) -> TensorSpectrum:
     """Everything analysis.json says about one LoRA-adapted tensor."""
     delta, tau = lora_delta.double(), task_vector.double()
-    u_delta, s_delta, _ = torch.linalg.svd(delta, full_matrices=False)
-    u_tau, s_tau, _ = torch.linalg.svd(tau, full_matrices=False)
-    rank = numerical_rank(s_delta, tuple(delta.shape), stored_dtype)
+    shape = tuple(delta.shape)
+    u_delta, s_delta = low_rank_spectrum(delta, stored_dtype, full_svd)
+    rank = numerical_rank(s_delta, shape, stored_dtype)
+    u_tau, s_tau, tau_exact = top_singular(tau, min(max(rank + 1, TOP_SINGULAR_VALUES), min(shape)), full_svd)
+    rank_tau = numerical_rank(s_tau, shape, stored_dtype)
     metrics = compare_tensor(name, delta, tau)
-    energy = float(s_tau.square().sum())
+    energy = metrics.norm_task_vector**2
+    residual_rms = float(torch.linalg.vector_norm(tau - delta)) / math.sqrt(delta.numel())
     module, layer = module_and_layer(name)
     return TensorSpectrum(
         name=name,
         module=module,
         layer=layer,
-        shape=list(delta.shape),
+        shape=list(shape),
         rank_lora=rank,
-        rank_task_vector=numerical_rank(s_tau, tuple(tau.shape), stored_dtype),
+        rank_task_vector=rank_tau,
+        rank_task_vector_is_lower_bound=not tau_exact and rank_tau == len(s_tau),
         cosine=metrics.cosine,
         rel_error=metrics.rel_error,
         max_abs_diff=metrics.max_abs_diff,
+        residual_rms=residual_rms,
         scale=metrics.scale,
         norm_lora=metrics.norm_lora,
         norm_task_vector=metrics.norm_task_vector,
         energy_in_lora_rank=float(s_tau[:rank].square().sum()) / energy if energy else 1.0,
         principal_angle_deg=largest_principal_angle(u_delta[:, :rank], u_tau[:, :rank]),
+        sigma_next_task_vector=float(s_tau[rank]) if rank < len(s_tau) else 0.0,
+        predicted_noise_floor=residual_rms * (math.sqrt(shape[0]) + math.sqrt(shape[1])),
         sigma_tail_ratio=float(s_tau[rank] / s_tau[0]) if rank < len(s_tau) and s_tau[0] > 0 else 0.0,
         stable_rank_task_vector=energy / float(s_tau[0]) ** 2 if s_tau[0] > 0 else 0.0,
         singular_values_lora=s_delta[:TOP_SINGULAR_VALUES].tolist(),

@@ -97,3 +97,26 @@ def test_files_of_different_models_are_a_user_error(tiny, tmp_path, pipeline):
     ]
     assert_user_error(run_script("analyze_lora_vs_task_vector_math.py", *args), "not the same model")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("shape", [(1024, 768), (768, 2048)])
+def test_randomized_svd_matches_the_full_svd_on_the_top_r_values(shape):
+    from common.spectra import top_singular
+
+    torch.manual_seed(1)
+    m, n = shape
+    delta = torch.randn(m, 16, dtype=torch.float64) @ torch.randn(16, n, dtype=torch.float64) * 1e-3
+    # A low-precision merge: round W and W + Δ to fp16 and subtract, as the task vector is made.
+    weight = torch.randn(m, n, dtype=torch.float64) * 0.02
+    tau = (weight.half().double() + delta).half().double() - weight
+    exact = torch.linalg.svdvals(tau)[:16]
+    _, fast, is_exact = top_singular(tau, 16, full=False)
+    assert not is_exact
+    torch.testing.assert_close(fast, exact, rtol=1e-6, atol=0)
+
+
+def test_fp16_noise_floor_is_within_a_factor_two_of_the_prediction(analyses):
+    report, _, stdout = analyses["fp16"]
+    for t in report["tensors"]:
+        assert 0.5 < t["sigma_next_task_vector"] / t["predicted_noise_floor"] < 2.0, t["name"]
+    assert "noise floor predicted from the residual" in stdout
