@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from common.adapter import LoraAdapter, check_base_supported
+from common.adapter import LoraAdapter
 from common.cli import (
     add_overwrite,
     base_parser,
@@ -25,7 +25,7 @@ from common.cli import (
     tensor_progress,
 )
 from common.merge import merge_checkpoint, merge_with_peft, write_model_files
-from common.model_layout import read_config
+from common.model_layout import check_base_supported, read_config
 from common.outputs import check_output_dir, staged_output_dir
 from common.precision import PRECISIONS, dtype_of
 from common.safetensors_io import CheckpointIndex
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     base_dir = resolve_model(args.base_model, "base model")
     config = read_config(base_dir)
-    check_base_supported(base_dir / "config.json")
+    check_base_supported(config, base_dir)
     adapter = LoraAdapter(resolve_adapter(args.lora_path))
     check_output_dir(args.output_dir, [base_dir, adapter.folder], args.overwrite)
 

@@ -15,7 +15,6 @@ Every tensor of `adapter_model.safetensors` becomes one *change* to one base ten
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from common.errors import UserError
+from common.model_layout import read_json_object
 from common.safetensors_io import CheckpointIndex
 
 CONFIG_FILE = "adapter_config.json"
@@ -34,7 +34,6 @@ KEY = re.compile(
     r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector"
     r"|token_adapter\.trainable_tokens_delta)(?:\.(?P<rest>[\w.-]+))?$"
 )
-QUANTIZED_MARKERS = ("quantization_config",)
 
 
 @dataclass(frozen=True)
@@ -263,12 +262,7 @@ def _adapter_folder(folder: Path) -> Path:
 
 
 def _read_config(path: Path) -> dict:
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise UserError(f"{path}: invalid JSON ({type(e).__name__})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path}: not a JSON object")
+    config = read_json_object(path)
     peft_type = config.get("peft_type", "LORA")
     if peft_type != "LORA":
         raise UserError(f"{path}: peft_type {peft_type} is not supported (only LORA)")
@@ -314,15 +308,3 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path}: not a dictionary of tensors")
     return state
-
-
-def check_base_supported(config_path: Path) -> None:
-    """Refuse what peft's merge refuses too: quantized base checkpoints."""
-    if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-            raise UserError(f"{config_path}: invalid JSON ({type(e).__name__})") from None
-        if isinstance(config, dict) and any(config.get(k) for k in QUANTIZED_MARKERS):
-            method = config["quantization_config"].get("quant_method", "quantized")
-            raise UserError(f"{config_path}: the base is {method}-quantized; merge into the unquantized base")

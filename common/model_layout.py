@@ -12,6 +12,17 @@ HEAD = "lm_head.weight"
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object; anything else is the user's file's problem."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise UserError(f"{path}: invalid JSON ({type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a JSON object")
+    return data
+
+
 def read_config(model_dir: Path, required: bool = True) -> dict:
     """config.json of a model folder ({} when absent and not required)."""
     config_path = model_dir / "config.json"
@@ -19,13 +30,15 @@ def read_config(model_dir: Path, required: bool = True) -> dict:
         if required:
             raise UserError(f"model {model_dir}: no config.json")
         return {}
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise UserError(f"{config_path}: invalid JSON ({type(e).__name__})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{config_path}: not a JSON object")
-    return config
+    return read_json_object(config_path)
+
+
+def check_base_supported(config: dict, model_dir: Path) -> None:
+    """Refuse what peft's merge refuses too: quantized base checkpoints."""
+    quantization = config.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method", "quantized") if isinstance(quantization, dict) else "quantized"
+        raise UserError(f"base model {model_dir}: it is {method}-quantized; merge into the unquantized base")
 
 
 def tied_embedding(checkpoint: CheckpointIndex, config: dict) -> str | None:

@@ -29,6 +29,13 @@ def run_script(script: str, *args: object, env: dict | None = None) -> subproces
     )
 
 
+def run_merge(base: Path, adapter: Path, out: Path, *extra: object) -> subprocess.CompletedProcess:
+    """merge_lora.py as the README runs it, asserting success."""
+    result = run_script("merge_lora.py", "--base_model", base, "--lora_path", adapter, "--output_dir", out, *extra)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
 def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
     """Exit code 2, exactly one line on stderr mentioning every fragment, no traceback."""
     lines = result.stderr.strip().splitlines()

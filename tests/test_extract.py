@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_user_error, load_weights, run_script
+from conftest import assert_user_error, load_weights, run_merge, run_script
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -157,12 +157,7 @@ def test_output_head_tied_in_one_model_only(tiny, tmp_path):
 
     adapter = build_peft_adapter(tiny.base, tmp_path / "adapter", r=4, target_modules=["embed_tokens", "q_proj"])
     merged = tmp_path / "merged"
-    assert (
-        run_script(
-            "merge_lora.py", "--base_model", tiny.base, "--lora_path", adapter, "--output_dir", merged
-        ).returncode
-        == 0
-    )
+    run_merge(tiny.base, adapter, merged)
     _, stats, by_name = extract(tiny, merged, tmp_path / "tv")
     assert stats["tied"] == ["lm_head.weight: the base ties it to model.embed_tokens.weight"]
     assert by_name["lm_head.weight"]["status"] == "unchanged"  # the head keeps the base embedding

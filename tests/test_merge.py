@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import PRECISIONS, assert_user_error, load_weights, peft_merged_state_dict, run_script
+from conftest import PRECISIONS, assert_user_error, load_weights, peft_merged_state_dict, run_merge, run_script
 from safetensors.torch import load_file, save_file
 
 from common.adapter import LoraAdapter
@@ -102,9 +102,7 @@ def _peft_adapter(tiny, tmp_path, **config):
 def test_scaling_variants_are_bitwise_peft(tiny, tmp_path, config, precision):
     adapter = _peft_adapter(tiny, tmp_path, **config)
     out = tmp_path / "merged"
-    args = ["--base_model", tiny.base, "--lora_path", adapter, "--output_dir", out, "--precision", precision]
-    result = run_script("merge_lora.py", *args)
-    assert result.returncode == 0, result.stderr
+    run_merge(tiny.base, adapter, out, "--precision", precision)
     assert_bitwise_equal_to_peft(load_weights(out), peft_merged_state_dict(tiny.base, adapter, PRECISIONS[precision]))
 
 
@@ -141,10 +139,7 @@ def test_adapter_model_bin_is_read_with_weights_only(tiny, pipeline, tmp_path):
     shutil.copy(tiny.adapter / "adapter_config.json", adapter)
     torch.save(load_file(tiny.adapter / "adapter_model.safetensors"), adapter / "adapter_model.bin")
     out = tmp_path / "out"
-    assert (
-        run_script("merge_lora.py", "--base_model", tiny.base, "--lora_path", adapter, "--output_dir", out).returncode
-        == 0
-    )
+    run_merge(tiny.base, adapter, out)
     merged, expected = load_weights(out), load_weights(pipeline("fp32").merged)
     assert all(torch.equal(merged[n], expected[n]) for n in expected)
 
@@ -165,12 +160,7 @@ def test_pickles_are_never_executed(tiny, tmp_path):
     marker = tmp_path / "code_ran"
     torch.save(_Payload(marker), checkpoint / "training_args.bin")  # a Trainer file: never to be loaded
     out = tmp_path / "out"
-    assert (
-        run_script(
-            "merge_lora.py", "--base_model", tiny.base, "--lora_path", checkpoint, "--output_dir", out
-        ).returncode
-        == 0
-    )
+    run_merge(tiny.base, checkpoint, out)
     assert not marker.exists()
     # An adapter_model.bin that is a pickle of code is refused by weights_only, with a plain message.
     (checkpoint / "adapter_model.safetensors").unlink()
@@ -195,11 +185,7 @@ def test_quantized_base_is_refused(tiny, tmp_path):
 
 
 def test_final_line_reports_changes_time_and_peak_memory(tiny, tmp_path):
-    result = run_script(
-        "merge_lora.py", "--base_model", tiny.base, "--lora_path", tiny.adapter, "--output_dir", tmp_path / "o"
-    )
-    assert result.returncode == 0
-    last = result.stdout.strip().splitlines()[-1]
+    last = run_merge(tiny.base, tiny.adapter, tmp_path / "o").stdout.strip().splitlines()[-1]
     assert (
         last.startswith("8 of 35 tensors changed at fp32 on cpu") and " s, peak memory " in last and last.endswith("GB")
     )

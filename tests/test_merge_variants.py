@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import PRECISIONS, build_peft_adapter, load_weights, peft_merged_state_dict, run_script
+from conftest import PRECISIONS, build_peft_adapter, load_weights, peft_merged_state_dict, run_merge, run_script
 
 STARCODER2_VARIANTS = {
     "dora": {"r": 4, "target_modules": ["q_proj", "v_proj", "c_fc"], "use_dora": True},
@@ -27,9 +27,7 @@ GPT2_VARIANTS = {
 
 
 def streamed_merge(base, adapter, out, precision):
-    args = ["--base_model", base, "--lora_path", adapter, "--output_dir", out, "--precision", precision]
-    result = run_script("merge_lora.py", *args)
-    assert result.returncode == 0, result.stderr
+    result = run_merge(base, adapter, out, "--precision", precision)
     return load_weights(out), result.stdout
 
 
