@@ -17,6 +17,7 @@ from common.outputs import check_output_dir, staged_output_dir
 from common.plots import singular_value_spectra
 from common.reports import analysis_markdown
 from common.safetensors_io import CheckpointIndex
+from common.task_vector import stats_beside
 
 SPECTRA_PLOT = "singular_value_spectra.png"
 
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         staged_output_dir(args.output_dir) as staging,
     ):
         with tensor_progress(len(lora_deltas), "analyze", args.verbose) as step:
-            analysis = analyze_files(lora_deltas, task_vector, device, step, args.full_svd)
+            known = stats_beside(args.task_vector_file)
+            analysis = analyze_files(lora_deltas, task_vector, device, step, args.full_svd, known)
         report = analysis_report(analysis)
         (staging / "analysis.json").write_text(json.dumps(report, indent=2) + "\n")
         singular_value_spectra(analysis.tensors, staging / SPECTRA_PLOT)

@@ -24,9 +24,7 @@ from common.plots import comparison_plots
 from common.reports import comparison_summary, console_block, tensor_rows, write_comparison_reports
 from common.safetensors_io import CheckpointIndex, SafetensorsWriter
 from common.sources import resolve_adapter, resolve_model
-from common.task_vector import read_stats
-
-STATS_FILE = "task_vector_stats.json"
+from common.task_vector import stats_beside
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +44,6 @@ def main(argv: list[str] | None = None) -> int:
     base_dir = resolve_model(args.base_model, "base model") if args.base_model else None
     inputs = [adapter.folder, args.task_vector_path] + ([base_dir] if base_dir else [])
     check_output_dir(args.output_dir, inputs, args.overwrite)
-    tv_folder = args.task_vector_path if args.task_vector_path.is_dir() else args.task_vector_path.parent
 
     with contextlib.ExitStack() as stack:
         task_vector = stack.enter_context(CheckpointIndex(args.task_vector_path))
@@ -55,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         staging = stack.enter_context(staged_output_dir(args.output_dir))
         deltas = stack.enter_context(SafetensorsWriter(staging / "lora_deltas.safetensors", plan.specs))
         step = stack.enter_context(tensor_progress(len(plan.specs), "compare", args.verbose))
-        known = read_stats(tv_folder / STATS_FILE)
+        known = stats_beside(args.task_vector_path)
         comparison = compare_adapter(adapter, plan, task_vector, deltas, device, args.tolerance, base, known, step)
         result = verdict(comparison)
         summary = comparison_summary(comparison, result)

@@ -33,6 +33,7 @@ from common.precision import short_name
 from common.safetensors_io import CheckpointIndex, ShardedWriter
 from common.sources import resolve_model
 from common.task_vector import (
+    STATS_FILE,
     check_same_architecture,
     extract_task_vector,
     plan_extraction,
@@ -40,7 +41,6 @@ from common.task_vector import (
     write_stats,
 )
 
-STATS_FILE = "task_vector_stats.json"
 COMPUTE_DTYPES = {"fp32": "float32", "fp64": "float64"}
 
 

@@ -18,6 +18,7 @@ from common.spectra import TensorSpectrum, analyze_tensor
 class Analysis:
     tensors: list[TensorSpectrum] = field(default_factory=list)
     lora_only: list[str] = field(default_factory=list)
+    not_matrices: list[str] = field(default_factory=list)  # biases and other vectors: no spectrum to analyse
     task_vector_only_nonzero: list[str] = field(default_factory=list)
     task_vector_only_zero: int = 0
     merge_dtype: str | None = None
@@ -29,15 +30,22 @@ def analyze_files(
     device: torch.device,
     on_tensor: Callable[[str], None] = lambda line: None,
     full_svd: bool = False,
+    known_status: dict[str, str] | None = None,
 ) -> Analysis:
-    """Analyze every tensor of `lora_deltas` against τ; count τ's other tensors that are non-zero."""
+    """Analyze every matrix of `lora_deltas` against τ; count τ's other tensors that are non-zero.
+
+    The extraction's stats (`known_status`) say which of τ's other tensors are zero without reading them.
+    """
     analysis = Analysis(merge_dtype=task_vector.metadata.get("finetuned_dtype"))
     for name in lora_deltas.names():
         if name not in task_vector:
             analysis.lora_only.append(name)
             continue
+        if len(lora_deltas.info(name).shape) != 2:
+            analysis.not_matrices.append(name)
+            continue
         delta, tau = lora_deltas.read(name).to(device), task_vector.read(name).to(device)
-        if delta.shape != tau.shape or delta.dim() != 2:
+        if delta.shape != tau.shape:
             raise UserError(f"{name}: LoRA delta {list(delta.shape)} and task vector {list(tau.shape)} do not match")
         spectrum = analyze_tensor(name, delta, tau, lora_deltas.info(name).dtype, full_svd)
         analysis.tensors.append(spectrum)
@@ -49,7 +57,8 @@ def analyze_files(
         raise UserError("no tensor of the LoRA deltas file is in the task vector file: not the same model")
     for name in task_vector.names():
         if name not in lora_deltas:
-            if torch.count_nonzero(task_vector.read(name)):
+            status = (known_status or {}).get(name)
+            if status not in ("unchanged", None) or (status is None and torch.count_nonzero(task_vector.read(name))):
                 analysis.task_vector_only_nonzero.append(name)
             else:
                 analysis.task_vector_only_zero += 1
@@ -130,6 +139,7 @@ def analysis_report(analysis: Analysis) -> dict:
             "tensors": len(analysis.tensors),
             "merge_dtype": analysis.merge_dtype,
             "lora_only": analysis.lora_only,
+            "not_matrices": analysis.not_matrices,
             "task_vector_only_zero": analysis.task_vector_only_zero,
             "task_vector_only_nonzero": analysis.task_vector_only_nonzero,
             "findings": findings(analysis),

@@ -24,6 +24,7 @@ from common.precision import short_name
 from common.safetensors_io import CheckpointIndex, ShardedWriter, TensorSpec, iter_row_chunks
 
 CHUNK_BYTES = 64 * 1024 * 1024
+STATS_FILE = "task_vector_stats.json"
 STATUSES = ("changed", "rounding_artifact", "unchanged")
 
 
@@ -251,6 +252,12 @@ def write_stats(extraction: Extraction, path: Path, sources: dict[str, str]) -> 
         "tied": extraction.tied,
     }
     path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def stats_beside(task_vector_path: Path) -> dict[str, str]:
+    """The extraction's classification of each tensor, from the stats file beside a task vector ({} if none)."""
+    folder = task_vector_path if task_vector_path.is_dir() else task_vector_path.parent
+    return read_stats(folder / STATS_FILE)
 
 
 def read_stats(path: Path) -> dict[str, str]:

@@ -119,3 +119,17 @@ def test_scale_fit_is_exact_for_a_multiple(delta, c):
     result = compare_tensor("t", delta, c * delta)
     assert result.scale == pytest.approx(c, rel=1e-12)
     assert abs(result.cosine) == pytest.approx(1.0, abs=1e-12) and -1 <= result.cosine <= 1
+
+
+def test_analyze_skips_vectors_and_uses_the_extraction_stats(tiny, adapters, tmp_path):
+    import analyze_lora_vs_task_vector_math as analyze
+
+    code, _ = merge_extract_compare(tiny, adapters["lora_bias"], tmp_path, "fp32")
+    assert code == 0
+    args = ["--lora_file", tmp_path / "cmp" / "lora_deltas.safetensors", "--task_vector_file", tmp_path / "tv"]
+    assert analyze.main([*map(str, args), "--output_dir", str(tmp_path / "analysis"), "--device", "cpu"]) == 0
+    summary = json.loads((tmp_path / "analysis" / "analysis.json").read_text())["summary"]
+    assert sorted(summary["not_matrices"]) == [
+        f"model.layers.{i}.self_attn.{m}.bias" for i in (0, 1) for m in ("q_proj", "v_proj")
+    ]
+    assert summary["task_vector_only_zero"] == 35 - 8 and summary["task_vector_only_nonzero"] == []
