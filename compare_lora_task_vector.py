@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         task_vector = stack.enter_context(CheckpointIndex(args.task_vector_path))
         base = stack.enter_context(CheckpointIndex(base_dir)) if base_dir else None
-        plan = plan_deltas(adapter, base, read_config(base_dir) if base_dir else {})
+        plan = plan_deltas(adapter, base, read_config(base_dir) if base_dir else {}, set(task_vector.names()))
         staging = stack.enter_context(staged_output_dir(args.output_dir))
         deltas = stack.enter_context(SafetensorsWriter(staging / "lora_deltas.safetensors", plan.specs))
         step = stack.enter_context(tensor_progress(len(plan.specs), "compare", args.verbose))

@@ -209,12 +209,32 @@ class LoraAdapter:
         self.weights.close()
 
 
-def check_targets_match(adapter: LoraAdapter, shapes: dict[str, tuple[int, ...]], what: str) -> None:
+def names_in_checkpoint(changes: dict[str, list[Change]], names: set[str]) -> dict[str, list[Change]]:
+    """The changes keyed by the checkpoint's own tensor names.
+
+    Module paths carry the model class's prefix (`transformer.h.0…` in GPT2LMHeadModel), which some
+    checkpoints leave out of their tensor names (`h.0…`, as the original gpt2 does); such a name is
+    matched without its first component.
+    """
+    renamed = {}
+    for name, name_changes in changes.items():
+        short = name.split(".", 1)[-1]
+        renamed[short if name not in names and short in names else name] = name_changes
+    return renamed
+
+
+def check_targets_match(
+    adapter: LoraAdapter,
+    shapes: dict[str, tuple[int, ...]],
+    what: str,
+    changes: dict[str, list[Change]] | None = None,
+) -> None:
     """Every changed tensor must exist in `what` under the same name and shape."""
-    missing = [name for name in adapter.changes if name not in shapes]
+    changes = adapter.changes if changes is None else changes
+    missing = [name for name in changes if name not in shapes]
     wrong = []
-    for name, changes in adapter.changes.items():
-        for change in changes:
+    for name, name_changes in changes.items():
+        for change in name_changes:
             if name in shapes and not _fits(adapter, change, tuple(shapes[name])):
                 wrong.append(f"{name} {list(shapes[name])} vs {_needed(adapter, change)}")
     if missing:

@@ -16,7 +16,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.adapter import KIND_NAMES, BiasUpdate, Change, LoraAdapter, LoraTarget, lora_scaling
+from common.adapter import (
+    KIND_NAMES,
+    BiasUpdate,
+    Change,
+    LoraAdapter,
+    LoraTarget,
+    lora_scaling,
+    names_in_checkpoint,
+)
 from common.errors import UserError
 from common.lora import apply_changes, base_free_delta
 from common.merge import plan_merge
@@ -56,7 +64,9 @@ class DeltaPlan:
     changes: dict[str, list[Change]]
 
 
-def plan_deltas(adapter: LoraAdapter, base: CheckpointIndex | None, config: dict) -> DeltaPlan:
+def plan_deltas(
+    adapter: LoraAdapter, base: CheckpointIndex | None, config: dict, task_vector_names: set[str]
+) -> DeltaPlan:
     """Every tensor the adapter changes (a tied head included, as the merge treats it), with its shape."""
     if base is not None:
         plan = plan_merge(base, adapter, torch.float32, config)
@@ -69,8 +79,9 @@ def plan_deltas(adapter: LoraAdapter, base: CheckpointIndex | None, config: dict
             f"adapter {adapter.folder} holds {', '.join(kinds)} ({len(needs_base)} tensors): the change they make "
             "depends on the base weights, so pass --base_model"
         )
-    specs = [TensorSpec(n, torch.float32, adapter.expected_shape(cs[0])) for n, cs in adapter.changes.items()]
-    return DeltaPlan(specs, {s.name: s.name for s in specs}, dict(adapter.changes))
+    changes = names_in_checkpoint(adapter.changes, task_vector_names)
+    specs = [TensorSpec(n, torch.float32, adapter.expected_shape(cs[0])) for n, cs in changes.items()]
+    return DeltaPlan(specs, {s.name: s.name for s in specs}, changes)
 
 
 def _base_free(change: Change) -> bool:

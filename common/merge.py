@@ -23,7 +23,15 @@ from pathlib import Path
 
 import torch
 
-from common.adapter import ORDER, Change, LoraAdapter, Replacement, TokenRows, check_targets_match
+from common.adapter import (
+    ORDER,
+    Change,
+    LoraAdapter,
+    Replacement,
+    TokenRows,
+    check_targets_match,
+    names_in_checkpoint,
+)
 from common.errors import UserError
 from common.lora import apply_changes
 from common.model_layout import HEAD, tied_embedding
@@ -72,12 +80,12 @@ def merged_dtype(stored: torch.dtype, precision: torch.dtype) -> torch.dtype:
 def plan_merge(base: CheckpointIndex, adapter: LoraAdapter, precision: torch.dtype, config: dict) -> MergePlan:
     """Match the adapter's changes to base tensors (by name and shape), untying a tied head if needed."""
     embedding = tied_embedding(base, config)
-    changes = dict(adapter.changes)
     shapes = base.shapes()
+    changes = names_in_checkpoint(adapter.changes, set(shapes))
     if embedding is not None:
         shapes[HEAD] = shapes[embedding]
         changes = _tied_changes(changes, embedding)
-    check_targets_match(adapter, shapes, f"base model {base.source}")
+    check_targets_match(adapter, shapes, f"base model {base.source}", changes)
     sources = {name: name for name in base.names()}
     untied = embedding is not None and changes.get(HEAD, []) != changes.get(embedding, [])
     if untied:

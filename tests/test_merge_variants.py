@@ -114,3 +114,37 @@ def test_peft_engine_and_streaming_engine_agree_bitwise(tiny, starcoder2_adapter
     assert with_peft.keys() == streamed.keys()
     assert all(torch.equal(with_peft[n], streamed[n]) for n in streamed)
     assert (tmp_path / "peft" / "tokenizer.json").is_file()
+
+
+def test_checkpoint_without_the_model_prefix(tiny_gpt2, gpt2_adapters, tmp_path):
+    """The original gpt2 checkpoint names its tensors `h.0…`, the model's modules are `transformer.h.0…`."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    bare = tmp_path / "bare_gpt2"
+    shutil.copytree(tiny_gpt2, bare)
+    weights = load_weights(tiny_gpt2)
+    (bare / "model.safetensors").unlink()
+    save_file(
+        {k.removeprefix("transformer."): v for k, v in weights.items()}, bare / "model.safetensors", {"format": "pt"}
+    )
+    ours, _ = streamed_merge(bare, gpt2_adapters["conv1d"], tmp_path / "out", "fp16")
+    reference = peft_merged_state_dict(tiny_gpt2, gpt2_adapters["conv1d"], torch.float16)
+    assert set(ours) == {k.removeprefix("transformer.") for k in reference} - {"lm_head.weight"}
+    for name, tensor in ours.items():
+        assert torch.equal(tensor, reference[f"transformer.{name}"]), name
+    args = ["--base_model", bare, "--finetuned_model", tmp_path / "out", "--output_dir", tmp_path / "tv"]
+    assert run_script("extract_task_vectors.py", *args).returncode == 0
+    args = [
+        "--lora_path",
+        gpt2_adapters["conv1d"],
+        "--task_vector_path",
+        tmp_path / "tv",
+        "--output_dir",
+        tmp_path / "c",
+    ]
+    result = run_script("compare_lora_task_vector.py", *args, "--base_model", bare)
+    assert result.returncode == 1 and "all within fp16 rounding" in result.stdout
+    result = run_script("compare_lora_task_vector.py", *args[:-1], tmp_path / "c2", "--tolerance", "1e-2")
+    assert result.returncode == 0, result.stdout
