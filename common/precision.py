@@ -30,16 +30,9 @@ def dtype_from_name(name: str) -> torch.dtype | None:
     return by_name.get(name)
 
 
-def is_rounding_artifact(base: torch.Tensor, finetuned: torch.Tensor) -> bool:
-    """True when `finetuned` is exactly `base` cast to the finetuned dtype, bit for bit.
-
-    Such a tensor is non-zero in the task vector only because a lower-precision merge rounded it.
-    """
-    return finetuned.dtype != base.dtype and torch.equal(base.to(finetuned.dtype), finetuned)
-
-
 def is_rounding_artifact_of_delta(base: torch.Tensor, task_vector: torch.Tensor, dtype: torch.dtype) -> bool:
-    """The same test from the base and the fp32 task vector alone: is `base + τ` = `base` rounded to dtype?
+    """Is a tensor a rounding artifact (finetuned == base cast to its dtype, bit for bit), from the base and the
+    fp32 task vector alone: is `base + τ` = `base` rounded to dtype?
 
     `τ = finetuned − base` is exact in fp32 when `finetuned` is `base` rounded (Sterbenz), so
     `base + τ` gives back `finetuned` bit for bit and the test is exact.
