@@ -90,8 +90,8 @@ def plan_merge(base: CheckpointIndex, adapter: LoraAdapter, precision: torch.dty
     untied = embedding is not None and changes.get(HEAD, []) != changes.get(embedding, [])
     if untied:
         sources[HEAD] = embedding
-    else:
-        changes.pop(HEAD, None)
+    elif embedding is not None:
+        changes.pop(HEAD, None)  # still tied: the head is the embedding, written once
     specs = [
         TensorSpec(out, merged_dtype(base.info(src).dtype, precision), shapes[src]) for out, src in sources.items()
     ]

@@ -148,3 +148,29 @@ def test_checkpoint_without_the_model_prefix(tiny_gpt2, gpt2_adapters, tmp_path)
     assert result.returncode == 1 and "all within fp16 rounding" in result.stdout
     result = run_script("compare_lora_task_vector.py", *args[:-1], tmp_path / "c2", "--tolerance", "1e-2")
     assert result.returncode == 0, result.stdout
+
+
+def test_lora_on_the_head_of_an_untied_model(tiny, tmp_path):
+    """With its own saved lm_head, a LoRA on the head changes that tensor (and nothing is untied)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    untied = tmp_path / "untied"
+    shutil.copytree(tiny.base, untied)
+    config = json.loads((untied / "config.json").read_text())
+    config["tie_word_embeddings"] = False
+    (untied / "config.json").write_text(json.dumps(config))
+    weights = load_weights(tiny.base)
+    head = weights["model.embed_tokens.weight"] + 0.01 * torch.randn_like(weights["model.embed_tokens.weight"])
+    save_file({"lm_head.weight": head.contiguous()}, untied / "model-head.safetensors", {"format": "pt"})
+    index = json.loads((untied / "model.safetensors.index.json").read_text())
+    index["weight_map"]["lm_head.weight"] = "model-head.safetensors"
+    (untied / "model.safetensors.index.json").write_text(json.dumps(index))
+    adapter = build_peft_adapter(untied, tmp_path / "adapter", r=4, target_modules=["lm_head", "q_proj"])
+    for precision in ("fp32", "bf16"):
+        ours, stdout = streamed_merge(untied, adapter, tmp_path / precision, precision)
+        reference = peft_merged_state_dict(untied, adapter, PRECISIONS[precision])
+        assert ours.keys() == reference.keys() and "untied" not in stdout
+        assert all(torch.equal(ours[n], reference[n]) for n in ours)
+        assert not torch.equal(ours["lm_head.weight"].float(), head.to(PRECISIONS[precision]).float())
