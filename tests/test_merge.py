@@ -98,7 +98,7 @@ def _peft_adapter(tiny, tmp_path, **config):
     ],
     ids=["rslora", "rank_alpha_patterns_and_mlp"],
 )
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_scaling_variants_are_bitwise_peft(tiny, tmp_path, config, precision):
     adapter = _peft_adapter(tiny, tmp_path, **config)
     out = tmp_path / "merged"
