@@ -3,7 +3,8 @@
     python analyze_lora_vs_task_vector_math.py --lora_file comparison_results/lora_deltas.safetensors \
         --task_vector_file task_vectors_fp32/task_vector.safetensors --output_dir mathematical_analysis/
 
-Writes analysis.json, report.md and singular_value_spectra.png into --output_dir.
+Writes analysis.json, report.md and the plots (singular value spectra; layer × module maps of the
+relative error, ‖Δ‖ and the subspace angle) into --output_dir.
 """
 
 from __future__ import annotations
@@ -14,12 +15,10 @@ from pathlib import Path
 from common.analysis import analysis_report, analyze_files
 from common.cli import add_overwrite, base_parser, log, resolve_device, run, setup_logging, tensor_progress
 from common.outputs import check_output_dir, staged_output_dir
-from common.plots import singular_value_spectra
+from common.plots import analysis_plots
 from common.reports import analysis_markdown
 from common.safetensors_io import CheckpointIndex
 from common.task_vector import stats_beside
-
-SPECTRA_PLOT = "singular_value_spectra.png"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,13 +45,13 @@ def main(argv: list[str] | None = None) -> int:
             analysis = analyze_files(lora_deltas, task_vector, device, step, args.full_svd, known)
         report = analysis_report(analysis)
         (staging / "analysis.json").write_text(json.dumps(report, indent=2) + "\n")
-        singular_value_spectra(analysis.tensors, staging / SPECTRA_PLOT)
-        (staging / "report.md").write_text(analysis_markdown(report, [SPECTRA_PLOT]))
+        plots = analysis_plots(analysis.tensors, staging)
+        (staging / "report.md").write_text(analysis_markdown(report, plots))
 
     log.info("FINDINGS:")
     for line in report["summary"]["findings"]:
         log.info(f"   {line}")
-    log.info(f"\nanalysis.json, report.md and {SPECTRA_PLOT} in {args.output_dir}/")
+    log.info(f"\nanalysis.json, report.md and {', '.join(plots)} in {args.output_dir}/")
     return 0
 
 

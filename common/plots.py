@@ -69,29 +69,41 @@ def singular_value_spectra(spectra: list, path: Path) -> None:
     plt.close(fig)
 
 
-def relative_error_heatmap(rows: list[dict], path: Path) -> None:
-    """Layer × module grid of log10 ‖τ − Δ‖/‖Δ‖ for the shared tensors: where the agreement is worst."""
+def layer_module_heatmap(values: dict[str, float], title: str, path: Path, log10: bool = True) -> None:
+    """A layer × module grid of one per-tensor figure (log10 by default): where it is largest."""
     from common.spectra import module_and_layer
 
     cells = {}
-    for row in rows:
-        if row["rel_error"] is not None:
-            module, layer = module_and_layer(row["name"])
-            cells[(-1 if layer is None else layer, module)] = row["rel_error"]
+    for name, value in values.items():
+        module, layer = module_and_layer(name)
+        cells[(-1 if layer is None else layer, module)] = np.log10(max(value, 1e-17)) if log10 else value
     layers = sorted({layer for layer, _ in cells})
     modules = sorted({module for _, module in cells})
     grid = np.full((len(layers), len(modules)), np.nan)
     for (layer, module), value in cells.items():
-        grid[layers.index(layer), modules.index(module)] = np.log10(max(value, 1e-17))
+        grid[layers.index(layer), modules.index(module)] = value
     fig, ax = plt.subplots(figsize=(1.2 * len(modules) + 3, 0.3 * len(layers) + 2.5))
     image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xticks(range(len(modules)), modules, rotation=45, ha="right")
     ax.set_yticks(range(len(layers)), ["other" if layer < 0 else str(layer) for layer in layers])
-    ax.set(xlabel="module", ylabel="layer", title="log10 ‖τ − Δ‖ / ‖Δ‖ per tensor")
+    ax.set(xlabel="module", ylabel="layer", title=f"log10 {title}" if log10 else title)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def analysis_plots(spectra: list, folder: Path) -> list[str]:
+    """analyze's plots: the spectra, and layer × module maps of the error, ‖Δ‖ and the subspace angle."""
+    singular_value_spectra(spectra, folder / "singular_value_spectra.png")
+    maps = {
+        "relative_error_heatmap.png": ({s.name: s.rel_error for s in spectra}, "‖τ − Δ‖ / ‖Δ‖ per tensor"),
+        "lora_norm_heatmap.png": ({s.name: s.norm_lora for s in spectra}, "‖Δ‖ per tensor"),
+        "principal_angle_heatmap.png": ({s.name: s.principal_angle_deg for s in spectra}, "largest angle (°)"),
+    }
+    for file, (values, title) in maps.items():
+        layer_module_heatmap(values, title, folder / file)
+    return ["singular_value_spectra.png", *maps]
 
 
 def residual_ulp_histogram(samples: list, dtype, path: Path) -> None:
@@ -116,7 +128,8 @@ def residual_ulp_histogram(samples: list, dtype, path: Path) -> None:
 def comparison_plots(rows: list[dict], ulp_samples: list, merge_dtype, folder: Path) -> list[str]:
     """compare's plots: norms, the layer × module error map, and (with the base) the residual in ulps."""
     norm_distribution_comparison(rows, folder / "norm_distribution_comparison.png", "LoRA delta Δ vs task vector τ")
-    relative_error_heatmap(rows, folder / "relative_error_heatmap.png")
+    errors = {row["name"]: row["rel_error"] for row in rows if row["rel_error"] is not None}
+    layer_module_heatmap(errors, "‖τ − Δ‖ / ‖Δ‖ per tensor", folder / "relative_error_heatmap.png")
     written = ["norm_distribution_comparison.png", "relative_error_heatmap.png"]
     if ulp_samples:
         residual_ulp_histogram(ulp_samples, merge_dtype, folder / "residual_ulp_histogram.png")

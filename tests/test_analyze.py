@@ -59,7 +59,9 @@ def test_reports_and_plot_are_written(analyses):
     report, out, _ = analyses["fp16"]
     markdown = (out / "report.md").read_text()
     assert "## Findings" in markdown and "singular_value_spectra.png" in markdown
-    assert (out / "singular_value_spectra.png").read_bytes()[:4] == b"\x89PNG"
+    for plot in ("singular_value_spectra", "relative_error_heatmap", "lora_norm_heatmap", "principal_angle_heatmap"):
+        assert (out / f"{plot}.png").read_bytes()[:4] == b"\x89PNG"
+        assert f"({plot}.png)" in markdown
     assert set(report["by_module"]) == {"q_proj", "k_proj", "v_proj", "o_proj"} and set(report["by_layer"]) == {
         "0",
         "1",
