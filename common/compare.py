@@ -18,7 +18,6 @@ import torch
 
 from common.adapter import (
     KIND_NAMES,
-    BiasUpdate,
     Change,
     LoraAdapter,
     LoraTarget,
@@ -26,7 +25,7 @@ from common.adapter import (
     names_in_checkpoint,
 )
 from common.errors import UserError
-from common.lora import apply_changes, base_free_delta
+from common.lora import apply_changes, base_free_delta, is_base_free
 from common.merge import plan_merge
 from common.metrics import PERFECT_COSINE, TensorComparison, add_rounding_check, compare_tensor, ulp_sample
 from common.precision import dtype_from_name, is_rounding_artifact_of_delta, short_name
@@ -72,7 +71,7 @@ def plan_deltas(
         plan = plan_merge(base, adapter, torch.float32, config)
         specs = [s for s in plan.specs if s.name in plan.changes]
         return DeltaPlan(specs, plan.sources, {s.name: plan.changes[s.name] for s in specs})
-    needs_base = [c for cs in adapter.changes.values() for c in cs if not _base_free(c)]
+    needs_base = [c for cs in adapter.changes.values() for c in cs if not is_base_free(c)]
     if needs_base:
         kinds = sorted({"DoRA magnitudes" if isinstance(c, LoraTarget) else KIND_NAMES[type(c)] for c in needs_base})
         raise UserError(
@@ -82,10 +81,6 @@ def plan_deltas(
     changes = names_in_checkpoint(adapter.changes, task_vector_names)
     specs = [TensorSpec(n, torch.float32, adapter.expected_shape(cs[0])) for n, cs in changes.items()]
     return DeltaPlan(specs, {s.name: s.name for s in specs}, changes)
-
-
-def _base_free(change: Change) -> bool:
-    return isinstance(change, BiasUpdate) or (isinstance(change, LoraTarget) and change.magnitude_key is None)
 
 
 def exact_delta(

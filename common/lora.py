@@ -88,14 +88,17 @@ def apply_dora(weight: torch.Tensor, delta: torch.Tensor, target: LoraTarget, ad
     return (factor * (weight + delta)).to(weight.dtype)
 
 
-def base_free_delta(change: Change, adapter: LoraAdapter, device: torch.device) -> torch.Tensor | None:
-    """The float64 change a plain LoRA update or a LoRA bias makes, which does not depend on the base; else None."""
-    if isinstance(change, LoraTarget) and change.magnitude_key is None:
-        lora_a, lora_b = (f.to(device) for f in adapter.factors(change))
-        return lora_delta(change, lora_a, lora_b, torch.float64)
+def is_base_free(change: Change) -> bool:
+    """Plain LoRA updates and LoRA biases add a change that does not depend on the base weights."""
+    return isinstance(change, BiasUpdate) or (isinstance(change, LoraTarget) and change.magnitude_key is None)
+
+
+def base_free_delta(change: Change, adapter: LoraAdapter, device: torch.device) -> torch.Tensor:
+    """The float64 change a base-free change (see `is_base_free`) makes."""
     if isinstance(change, BiasUpdate):
         return adapter.read(change.key).to(device).double() * change.scaling
-    return None
+    lora_a, lora_b = (f.to(device) for f in adapter.factors(change))
+    return lora_delta(change, lora_a, lora_b, torch.float64)
 
 
 def apply_bias_update(bias: torch.Tensor, change: BiasUpdate, adapter: LoraAdapter) -> torch.Tensor:
