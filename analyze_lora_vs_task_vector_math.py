@@ -3,28 +3,38 @@
     python analyze_lora_vs_task_vector_math.py --lora_file comparison_results/lora_deltas.safetensors \
         --task_vector_file task_vectors_fp32/task_vector.safetensors --output_dir mathematical_analysis/
 
-Writes analysis.json, report.md and the plots (singular value spectra; layer × module maps of the
-relative error, ‖Δ‖ and the subspace angle) into --output_dir.
+Δ comes from --lora_file (compare's lora_deltas.safetensors) or from the adapter itself (--lora_path:
+Δ in float64 and a plain LoRA's SVD exactly from its factors). --base_model adds the residual in ulps of
+the merge precision. Writes analysis.json, report.md and the plots (singular value spectra; layer × module
+maps of the relative error, ‖Δ‖ and the subspace angle; with a base, the residual histogram in ulps).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
-from common.analysis import analysis_report, analyze_files
+from common.adapter import LoraAdapter
+from common.analysis import analysis_report, analyze_files, deltas_from_adapter, deltas_from_file
 from common.cli import add_overwrite, base_parser, log, resolve_device, run, setup_logging, tensor_progress
+from common.compare import plan_deltas
+from common.model_layout import read_config
 from common.outputs import check_output_dir, staged_output_dir
 from common.plots import analysis_plots
 from common.reports import analysis_markdown
 from common.safetensors_io import CheckpointIndex
+from common.sources import resolve_adapter, resolve_model
 from common.task_vector import stats_beside
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__)
-    parser.add_argument("--lora_file", type=Path, required=True, help="lora_deltas.safetensors from step 3")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--lora_file", type=Path, help="lora_deltas.safetensors from step 3")
+    source.add_argument("--lora_path", help="or the adapter (folder or hub id): Δ exact, its SVD from the factors")
     parser.add_argument("--task_vector_file", type=Path, required=True, help="task_vector.safetensors from step 2")
+    parser.add_argument("--base_model", default=None, help="base model (hub id or folder): residual in ulps")
     parser.add_argument("--output_dir", type=Path, default=Path("mathematical_analysis"), help="report folder")
     parser.add_argument(
         "--full_svd", action="store_true", help="exact SVDs even of large matrices (default: randomized above 512)"
@@ -34,18 +44,29 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
 
     device = resolve_device(args.device)
-    check_output_dir(args.output_dir, [args.lora_file, args.task_vector_file], args.overwrite)
-    with (
-        CheckpointIndex(args.lora_file) as lora_deltas,
-        CheckpointIndex(args.task_vector_file) as task_vector,
-        staged_output_dir(args.output_dir) as staging,
-    ):
-        with tensor_progress(len(lora_deltas), "analyze", args.verbose) as step:
+    adapter = LoraAdapter(resolve_adapter(args.lora_path)) if args.lora_path else None
+    base_dir = resolve_model(args.base_model, "base model") if args.base_model else None
+    inputs = [adapter.folder if adapter else args.lora_file, args.task_vector_file] + ([base_dir] if base_dir else [])
+    check_output_dir(args.output_dir, inputs, args.overwrite)
+    with contextlib.ExitStack() as stack:
+        task_vector = stack.enter_context(CheckpointIndex(args.task_vector_file))
+        base = stack.enter_context(CheckpointIndex(base_dir)) if base_dir else None
+        if adapter is not None:
+            stack.callback(adapter.close)
+            config = read_config(base_dir) if base_dir else {}
+            plan = plan_deltas(adapter, base, config, set(task_vector.names()))
+            deltas, count = deltas_from_adapter(adapter, plan, base, device), len(plan.specs)
+        else:
+            lora_deltas = stack.enter_context(CheckpointIndex(args.lora_file))
+            deltas, count = deltas_from_file(lora_deltas, base, device), len(lora_deltas)
+        staging = stack.enter_context(staged_output_dir(args.output_dir))
+        with tensor_progress(count, "analyze", args.verbose) as step:
             known = stats_beside(args.task_vector_file)
-            analysis = analyze_files(lora_deltas, task_vector, device, step, args.full_svd, known)
+            analysis = analyze_files(deltas, task_vector, device, step, args.full_svd, known)
+        analysis.lora_source = "lora_path" if adapter else "lora_file"
         report = analysis_report(analysis)
         (staging / "analysis.json").write_text(json.dumps(report, indent=2) + "\n")
-        plots = analysis_plots(analysis.tensors, staging)
+        plots = analysis_plots(analysis, staging)
         (staging / "report.md").write_text(analysis_markdown(report, plots))
 
     log.info("FINDINGS:")

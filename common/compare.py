@@ -25,7 +25,7 @@ from common.adapter import (
     names_in_checkpoint,
 )
 from common.errors import UserError
-from common.lora import apply_changes, base_free_delta, is_base_free
+from common.lora import apply_changes, base_free_delta, is_base_free, product_magnitude
 from common.merge import plan_merge
 from common.metrics import PERFECT_COSINE, TensorComparison, add_rounding_check, compare_tensor, ulp_sample
 from common.precision import dtype_from_name, is_rounding_artifact_of_delta, short_name
@@ -142,7 +142,7 @@ def check_rounding(
     """Is τ − Δ what a merge at the recorded dtype makes? Both by the rounding bound and by redoing that merge."""
     dtype = comparison.merge_dtype
     rank = max((c.rank for c in changes if isinstance(c, LoraTarget)), default=1)
-    add_rounding_check(result, weight, delta, tau, dtype, rank)
+    add_rounding_check(result, weight, delta, tau, dtype, rank, product_magnitude(changes, adapter, delta))
     merged = apply_changes(weight.to(dtype, copy=True), changes, adapter)  # the merge adds in place
     result.reproduces_merge = torch.equal(merged.to(tau.dtype) - weight.to(tau.dtype), tau)
     comparison.ulp_errors.append(ulp_sample(weight, delta, tau, dtype))

@@ -101,6 +101,17 @@ def base_free_delta(change: Change, adapter: LoraAdapter, device: torch.device) 
     return lora_delta(change, lora_a, lora_b, torch.float64)
 
 
+def product_magnitude(changes: list[Change], adapter: LoraAdapter, like: torch.Tensor) -> torch.Tensor:
+    """Σ |s|·(|B| @ |A|) over a tensor's low-rank changes (float64, Δ's layout): the scale of the fp32
+    rounding in B @ A, which can far exceed |Δ| where the products cancel. Zero for other changes."""
+    total = torch.zeros(like.shape, dtype=torch.float64, device=like.device)
+    for change in changes:
+        if isinstance(change, LoraTarget):
+            lora_a, lora_b = (f.to(like.device).abs() for f in adapter.factors(change))
+            total += lora_delta(change, lora_a, lora_b, torch.float64).abs()
+    return total
+
+
 def apply_bias_update(bias: torch.Tensor, change: BiasUpdate, adapter: LoraAdapter) -> torch.Tensor:
     """`lora_bias`: b += lora_B.bias · scaling, in place."""
     bias += adapter_dtype(adapter.read(change.key)).to(bias.device) * change.scaling

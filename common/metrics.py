@@ -58,16 +58,24 @@ def compare_tensor(name: str, lora_delta: torch.Tensor, task_vector: torch.Tenso
     )
 
 
-def rounding_bound(base: torch.Tensor, lora_delta: torch.Tensor, dtype: torch.dtype, rank: int) -> torch.Tensor:
+def rounding_bound(
+    base: torch.Tensor,
+    lora_delta: torch.Tensor,
+    dtype: torch.dtype,
+    rank: int,
+    product_magnitude: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Element-wise bound on |τ − Δ| that a merge at `dtype` can produce (float64).
 
     τ − Δ = (round(W) − W) + (round(round(W) + Δ) − (round(W) + Δ)) + (fp32 errors), so each element is
     within ½ ulp of W plus ½ ulp of the merged weight (at `dtype`), plus the fp32 arithmetic of the
-    delta (r products) and of the subtraction.
+    delta and of the subtraction. B @ A in fp32 errs by up to about r ulps of |s|·(|B| @ |A|)
+    (`product_magnitude`), which exceeds |Δ| by orders of magnitude where the r products cancel.
     """
     w, delta = base.double(), lora_delta.double()
     merged = (w.abs() + delta.abs()).clamp_min(w.abs())
-    fp32_slack = (rank + 2) * ulp(merged, torch.float32)
+    magnitude = merged if product_magnitude is None else torch.maximum(merged, product_magnitude.double())
+    fp32_slack = (rank + 2) * ulp(magnitude, torch.float32)
     if dtype == torch.float32:
         return 0.5 * ulp(merged, dtype) + fp32_slack
     return 0.5 * ulp(w, dtype) + 0.5 * ulp(merged, dtype) + fp32_slack
@@ -80,19 +88,32 @@ def add_rounding_check(
     task_vector: torch.Tensor,
     dtype: torch.dtype,
     rank: int,
+    product_magnitude: torch.Tensor | None = None,
 ) -> None:
     """Record whether every difference is explained by rounding at the merge dtype, and the worst in ulps."""
     diff = (task_vector.double() - lora_delta.double()).abs()
-    result.within_rounding = bool((diff <= rounding_bound(base, lora_delta, dtype, rank)).all())
-    merged = base.double().abs() + lora_delta.double().abs()
-    result.max_diff_ulps = float((diff / ulp(merged, dtype)).max()) if diff.numel() else 0.0
+    bound = rounding_bound(base, lora_delta, dtype, rank, product_magnitude)
+    result.within_rounding = bool((diff <= bound).all())
+    ulps = residual_ulps(base, lora_delta, task_vector, dtype)
+    result.max_diff_ulps = float(ulps.abs().max()) if ulps.numel() else 0.0
+
+
+def residual_ulps(
+    base: torch.Tensor, lora_delta: torch.Tensor, task_vector: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """(τ − Δ) element by element in ulps of `dtype` at the merged weight's magnitude |W| + |Δ| (float64)."""
+    delta = lora_delta.double()
+    return (task_vector.double() - delta) / ulp(base.double().abs() + delta.abs(), dtype)
 
 
 def ulp_sample(
     base: torch.Tensor, lora_delta: torch.Tensor, task_vector: torch.Tensor, dtype: torch.dtype, size: int = 20000
 ) -> torch.Tensor:
     """Up to `size` evenly spaced elements of (τ − Δ) in ulps of `dtype` at the merged weight (float32, CPU)."""
-    diff = (task_vector.double() - lora_delta.double()).flatten()
-    scale = ulp((base.double().abs() + lora_delta.double().abs()).flatten(), dtype)
-    step = max(1, diff.numel() // size)
-    return (diff[::step] / scale[::step]).float().cpu()
+    return evenly_spaced(residual_ulps(base, lora_delta, task_vector, dtype), size)
+
+
+def evenly_spaced(values: torch.Tensor, size: int = 20000) -> torch.Tensor:
+    """Up to `size` evenly spaced elements of a tensor, flattened (float32, CPU): a histogram's sample."""
+    flat = values.flatten()
+    return flat[:: max(1, flat.numel() // size)].float().cpu()

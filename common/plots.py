@@ -10,6 +10,8 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from common.precision import dtype_from_name  # noqa: E402
+
 
 def norm_distribution_comparison(rows: list[dict], path: Path, title: str) -> None:
     """Left: ‖τ‖ against ‖Δ‖ per shared tensor (on the diagonal when equal). Right: ‖τ − Δ‖/‖Δ‖ per tensor."""
@@ -93,8 +95,10 @@ def layer_module_heatmap(values: dict[str, float], title: str, path: Path, log10
     plt.close(fig)
 
 
-def analysis_plots(spectra: list, folder: Path) -> list[str]:
-    """analyze's plots: the spectra, and layer × module maps of the error, ‖Δ‖ and the subspace angle."""
+def analysis_plots(analysis, folder: Path) -> list[str]:
+    """analyze's plots: the spectra, layer × module maps of the error, ‖Δ‖ and the subspace angle, and
+    (with the base weights) the residual in ulps."""
+    spectra = analysis.tensors
     singular_value_spectra(spectra, folder / "singular_value_spectra.png")
     maps = {
         "relative_error_heatmap.png": ({s.name: s.rel_error for s in spectra}, "‖τ − Δ‖ / ‖Δ‖ per tensor"),
@@ -103,7 +107,12 @@ def analysis_plots(spectra: list, folder: Path) -> list[str]:
     }
     for file, (values, title) in maps.items():
         layer_module_heatmap(values, title, folder / file)
-    return ["singular_value_spectra.png", *maps]
+    written = ["singular_value_spectra.png", *maps]
+    if analysis.ulp_samples:
+        dtype = dtype_from_name(analysis.merge_dtype)
+        residual_ulp_histogram(analysis.ulp_samples, dtype, folder / "residual_ulp_histogram.png")
+        written.append("residual_ulp_histogram.png")
+    return written
 
 
 def residual_ulp_histogram(samples: list, dtype, path: Path) -> None:

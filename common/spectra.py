@@ -46,6 +46,12 @@ class TensorSpectrum:
     predicted_noise_floor: float  # residual_rms · (√m + √n): the top singular value of a noise matrix
     sigma_tail_ratio: float  # σ_{r+1}(τ) / σ_1(τ)
     stable_rank_task_vector: float  # ‖τ‖_F² / σ₁²
+    effective_rank_lora: float  # exp(entropy of σᵢ/Σσ) over Δ's spectrum (Roy & Vetterli 2007)
+    effective_rank_task_vector: float | None  # the same for τ; None when only its top values were computed
+    lora_spectrum_from_factors: bool  # Δ's SVD came from the adapter's factors (exact, O((m+n)·r²))
+    residual_max_ulps: float | None = None  # max |τ − Δ| in ulps of the merge dtype at the merged weight
+    residual_rms_ulps: float | None = None  # RMS of the same (needs the base weights)
+    within_rounding: bool | None = None  # every |τ − Δ| within what a merge at that precision can round
     singular_values_lora: list[float] = field(default_factory=list)
     singular_values_task_vector: list[float] = field(default_factory=list)
 
@@ -60,6 +66,27 @@ def numerical_rank(singular_values: torch.Tensor, shape: tuple[int, ...], dtype:
     if singular_values.numel() == 0 or singular_values[0] == 0:
         return 0
     return int((singular_values > rank_tolerance(singular_values[0], shape, dtype)).sum())
+
+
+def effective_rank(singular_values: torch.Tensor) -> float:
+    """exp(−Σ pᵢ log pᵢ) with pᵢ = σᵢ / Σσ: between 1 (one direction) and the rank (a flat spectrum)."""
+    total = singular_values.sum()
+    if total <= 0:
+        return 0.0
+    p = singular_values[singular_values > 0] / total
+    return math.exp(float(-(p * p.log()).sum()))
+
+
+def factor_spectrum(left: torch.Tensor, right: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left singular vectors and values of `scale · left @ rightᵀ` (m × r, n × r factors), in float64.
+
+    With left = Q_L R_L and right = Q_R R_R, the product is scale · Q_L (R_L R_Rᵀ) Q_Rᵀ, so the SVD of the
+    r × r core gives it exactly in O((m + n)·r²), never forming the m × n matrix.
+    """
+    q_left, r_left = torch.linalg.qr(left.double())
+    q_right, r_right = torch.linalg.qr(right.double())
+    u_core, s_core, _ = torch.linalg.svd(r_left @ r_right.T)
+    return q_left @ u_core, abs(scale) * s_core
 
 
 def largest_principal_angle(u: torch.Tensor, v: torch.Tensor) -> float:
@@ -112,12 +139,20 @@ def low_rank_spectrum(matrix: torch.Tensor, dtype: torch.dtype, full: bool) -> t
 
 
 def analyze_tensor(
-    name: str, lora_delta: torch.Tensor, task_vector: torch.Tensor, stored_dtype: torch.dtype, full_svd: bool = False
+    name: str,
+    lora_delta: torch.Tensor,
+    task_vector: torch.Tensor,
+    stored_dtype: torch.dtype,
+    full_svd: bool = False,
+    lora_spectrum: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> TensorSpectrum:
-    """Everything analysis.json says about one LoRA-adapted tensor."""
+    """Everything analysis.json says about one LoRA-adapted tensor.
+
+    `lora_spectrum`, Δ's left singular vectors and values when known (from the factors), saves its SVD.
+    """
     delta, tau = lora_delta.double(), task_vector.double()
     shape = tuple(delta.shape)
-    u_delta, s_delta = low_rank_spectrum(delta, stored_dtype, full_svd)
+    u_delta, s_delta = lora_spectrum or low_rank_spectrum(delta, stored_dtype, full_svd)
     rank = numerical_rank(s_delta, shape, stored_dtype)
     u_tau, s_tau, tau_exact = top_singular(tau, min(max(rank + 1, TOP_SINGULAR_VALUES), min(shape)), full_svd)
     rank_tau = numerical_rank(s_tau, shape, stored_dtype)
@@ -146,6 +181,9 @@ def analyze_tensor(
         predicted_noise_floor=residual_rms * (math.sqrt(shape[0]) + math.sqrt(shape[1])),
         sigma_tail_ratio=float(s_tau[rank] / s_tau[0]) if rank < len(s_tau) and s_tau[0] > 0 else 0.0,
         stable_rank_task_vector=energy / float(s_tau[0]) ** 2 if s_tau[0] > 0 else 0.0,
+        effective_rank_lora=effective_rank(s_delta[:rank]),
+        effective_rank_task_vector=effective_rank(s_tau) if tau_exact else None,
+        lora_spectrum_from_factors=lora_spectrum is not None,
         singular_values_lora=s_delta[:TOP_SINGULAR_VALUES].tolist(),
         singular_values_task_vector=s_tau[:TOP_SINGULAR_VALUES].tolist(),
     )

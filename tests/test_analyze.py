@@ -122,3 +122,82 @@ def test_fp16_noise_floor_is_within_a_factor_two_of_the_prediction(analyses):
     for t in report["tensors"]:
         assert 0.5 < t["sigma_next_task_vector"] / t["predicted_noise_floor"] < 2.0, t["name"]
     assert "noise floor predicted from the residual" in stdout
+
+
+@pytest.fixture(scope="module")
+def from_adapter(tiny, pipeline, analyses, tmp_path_factory):
+    """analysis.json of the fp16 pipeline with Δ from the adapter itself and the base weights."""
+    out = tmp_path_factory.mktemp("analysis_adapter") / "out"
+    args = ["--lora_path", tiny.adapter, "--base_model", tiny.base, "--output_dir", out]
+    result = run_script(
+        "analyze_lora_vs_task_vector_math.py", *args, "--task_vector_file", pipeline("fp16").task_vector_file
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads((out / "analysis.json").read_text()), out, result.stdout
+
+
+def test_lora_path_gives_the_same_spectra_from_the_factors(analyses, from_adapter):
+    by_file, _, _ = analyses["fp16"]
+    report, _, stdout = from_adapter
+    assert report["summary"]["lora_source"] == "lora_path" and report["summary"]["lora_spectra_from_factors"] == 8
+    dense = {t["name"]: t for t in by_file["tensors"]}
+    for t in report["tensors"]:
+        assert t["lora_spectrum_from_factors"] and not dense[t["name"]]["lora_spectrum_from_factors"]
+        assert t["rank_lora"] == dense[t["name"]]["rank_lora"] == 8
+        # the file holds Δ rounded to fp32: its values agree to fp32 precision with the exact ones
+        torch.testing.assert_close(
+            torch.tensor(t["singular_values_lora"][:8]),
+            torch.tensor(dense[t["name"]]["singular_values_lora"][:8]),
+            rtol=1e-6,
+            atol=0,
+        )
+        assert abs(t["effective_rank_lora"] - dense[t["name"]]["effective_rank_lora"]) < 1e-5
+        assert 1 < t["effective_rank_lora"] <= 8
+    assert "8 of its SVDs exactly from the factors" in stdout
+
+
+def test_base_model_gives_the_residual_in_ulps_within_the_fp16_rounding(from_adapter):
+    report, out, stdout = from_adapter
+    for t in report["tensors"]:
+        assert 0.5 < t["residual_max_ulps"] <= 1.0 + 1e-3, t["name"]  # two roundings of ½ ulp each
+        assert 0.1 < t["residual_rms_ulps"] < t["residual_max_ulps"]
+        assert t["within_rounding"] is True
+    assert "every element within the rounding bound of a fp16 merge" in stdout
+    assert (out / "residual_ulp_histogram.png").read_bytes()[:4] == b"\x89PNG"
+    assert "(residual_ulp_histogram.png)" in (out / "report.md").read_text()
+
+
+def test_factor_spectrum_and_effective_rank_on_known_matrices():
+    from common.spectra import effective_rank, factor_spectrum
+
+    torch.manual_seed(2)
+    left, right = torch.randn(300, 6, dtype=torch.float64), torch.randn(200, 6, dtype=torch.float64)
+    u, s = factor_spectrum(left, right, -0.5)
+    u_full, s_full, _ = torch.linalg.svd(-0.5 * left @ right.T)
+    torch.testing.assert_close(s, s_full[:6], rtol=1e-12, atol=0)
+    assert largest_principal_angle(u, u_full[:, :6]) < 1e-9
+    assert effective_rank(torch.ones(7)) == pytest.approx(7.0)
+    assert effective_rank(torch.tensor([3.0, 0.0, 0.0])) == pytest.approx(1.0)
+    assert 1 < effective_rank(torch.tensor([4.0, 2.0, 1.0])) < 3
+
+
+def test_rounding_bound_covers_cancellation_in_b_at_a_only_with_the_factors():
+    """fp32 B @ A errs by ~ulps of |B|@|A|, which dwarfs |Δ| where the r products cancel."""
+    from common.metrics import rounding_bound
+
+    torch.manual_seed(3)
+    a, b = torch.randn(16, 400), torch.randn(300, 16)
+    exact = b.double() @ a.double()
+    error = ((b @ a).double() - exact).abs()  # what an fp32 merge adds to τ − Δ on top of its roundings
+    weight = torch.zeros(300, 400, dtype=torch.float64)
+    magnitude = b.double().abs() @ a.double().abs()
+    assert (error <= rounding_bound(weight, exact, torch.float32, 16, magnitude)).all()
+    assert not (error <= rounding_bound(weight, exact, torch.float32, 16)).all()  # the check can fail
+
+
+def test_lora_file_and_lora_path_together_are_a_usage_error(tiny, tmp_path, pipeline):
+    args = ["--lora_file", tmp_path / "x.safetensors", "--lora_path", tiny.adapter]
+    result = run_script(
+        "analyze_lora_vs_task_vector_math.py", *args, "--task_vector_file", pipeline("fp32").task_vector_file
+    )
+    assert_user_error(result, "not allowed with argument")
