@@ -35,8 +35,8 @@ from common.adapter import (
 from common.errors import UserError
 from common.lora import apply_changes
 from common.model_layout import HEAD, tied_embedding
-from common.precision import short_name
-from common.safetensors_io import CheckpointIndex, ShardedWriter, TensorSpec, iter_row_chunks
+from common.precision import all_finite, short_name
+from common.safetensors_io import CheckpointIndex, Scratch, ShardedWriter, TensorSpec, iter_row_chunks
 
 log = logging.getLogger("lora_tv")
 CHUNK_BYTES = 64 * 1024 * 1024
@@ -129,15 +129,16 @@ def merge_checkpoint(
     plan = plan_merge(base, adapter, precision, config)
     writer = ShardedWriter(out_dir, plan.specs, max_shard_bytes, {"format": "pt"})
     summary = MergeSummary(tensors=len(plan.specs), files=[f for f, _ in writer.shards], untied=plan.untied)
+    scratch = Scratch(pinned=device.type == "cuda"), Scratch()
     try:
         for spec in plan.specs:
             changes = plan.changes.get(spec.name, [])
             source = plan.sources[spec.name]
             if changes:
-                finite = write_changed(base, source, spec, changes, adapter, device, writer)
+                finite = write_changed(base, source, spec, changes, adapter, device, writer, scratch[0])
                 summary.changed.append(spec.name)
             else:
-                finite = write_cast(base, source, spec, device, chunk_bytes, writer)
+                finite = write_cast(base, source, spec, chunk_bytes, writer, scratch)
             if not finite:
                 summary.non_finite.append(spec.name)
             writer.tensor_done(spec.name)
@@ -155,14 +156,25 @@ def merge_checkpoint(
 
 
 def write_cast(
-    base: CheckpointIndex, source: str, spec: TensorSpec, device: torch.device, chunk_bytes: int, writer: ShardedWriter
+    base: CheckpointIndex,
+    source: str,
+    spec: TensorSpec,
+    chunk_bytes: int,
+    writer: ShardedWriter,
+    scratch: tuple[Scratch, Scratch],
 ) -> bool:
-    """A tensor the adapter does not touch: cast to the output dtype in row chunks. True when finite."""
+    """A tensor the adapter does not touch: its bytes copied by the kernel when the dtype stays, else cast in
+    row chunks (on the CPU: a cast rounds the same on every device). True when the output is finite."""
+    stored = base.info(source).dtype
+    if stored == spec.dtype:
+        writer.copy_from(spec.name, spec.dtype, *base.byte_range(source), spec.nbytes)
+        return True  # the base's own values: a cast cannot have overflowed
     finite = True
-    for start, stop in iter_row_chunks(spec.shape, base.info(source).dtype, chunk_bytes):
-        chunk = base.read_rows(source, start, stop).to(device).to(spec.dtype)
-        finite = finite and (not spec.dtype.is_floating_point or bool(torch.isfinite(chunk).all()))
-        writer.write(spec.name, chunk)
+    for start, stop in iter_row_chunks(spec.shape, stored, chunk_bytes):
+        chunk = base.read_rows(source, start, stop, scratch[0])
+        cast = scratch[1].take(tuple(chunk.shape), spec.dtype).copy_(chunk)
+        finite = finite and all_finite(cast)
+        writer.write(spec.name, cast)
     return finite
 
 
@@ -174,11 +186,13 @@ def write_changed(
     adapter: LoraAdapter,
     device: torch.device,
     writer: ShardedWriter,
+    scratch: Scratch,
 ) -> bool:
     """A tensor the adapter changes: whole, cast, then every change in peft's order. True when finite."""
-    weight = apply_changes(base.read(source).to(device).to(spec.dtype), changes, adapter)
+    weight = base.read_rows(source, 0, spec.shape[0] if spec.shape else 1, scratch)
+    weight = apply_changes(weight.to(device).to(spec.dtype), changes, adapter)
     writer.write(spec.name, weight)
-    return bool(torch.isfinite(weight).all())
+    return all_finite(weight)
 
 
 def write_model_files(

@@ -46,3 +46,11 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     info = torch.finfo(dtype)
     _, exponent = torch.frexp(x.abs().double().clamp_min(info.smallest_normal))  # |x| = m·2^e, m in [½, 1)
     return torch.ldexp(torch.full_like(exponent, info.eps, dtype=torch.float64), exponent - 1)
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or ±inf in a floating tensor (min and max propagate both; no temporary the tensor's size)."""
+    if not tensor.dtype.is_floating_point or tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) and torch.isfinite(high))

@@ -21,7 +21,7 @@ import torch
 from common.errors import UserError
 from common.model_layout import HEAD, tied_embedding
 from common.precision import short_name
-from common.safetensors_io import CheckpointIndex, ShardedWriter, TensorSpec, iter_row_chunks
+from common.safetensors_io import CheckpointIndex, Scratch, ShardedWriter, TensorSpec, iter_row_chunks
 
 CHUNK_BYTES = 64 * 1024 * 1024
 STATS_FILE = "task_vector_stats.json"
@@ -182,8 +182,9 @@ def extract_task_vector(
     on_tensor: Callable[..., None] = lambda line, amount=1: None,
 ) -> Extraction:
     """Write τ for every pair (in `compute_dtype`) and classify each tensor."""
+    buffers = ChunkBuffers(device)
     for pair, spec in zip(pairs, task_vector_specs(base, pairs, compute_dtype), strict=True):
-        stats = task_vector_tensor(base, finetuned, pair, spec, device, chunk_bytes, writer)
+        stats = task_vector_tensor(base, finetuned, pair, spec, buffers, chunk_bytes, writer)
         if skip_unchanged and stats.status == "unchanged":
             writer.discard(pair.name)
             stats.skipped = True
@@ -193,30 +194,74 @@ def extract_task_vector(
     return extraction
 
 
+class ChunkBuffers:
+    """The memory one chunk of τ is computed in, reused from chunk to chunk (pinned for CUDA)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.base, self.finetuned = Scratch(device.type == "cuda"), Scratch(device.type == "cuda")
+        self.tau = Scratch()
+
+    def difference(self, w_finetuned: torch.Tensor, w_base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """finetuned.to(dtype) − base.to(dtype), exactly (both upcast before the one rounding subtraction)."""
+        if self.device.type != "cpu":
+            w_finetuned, w_base = (w.to(self.device, non_blocking=True) for w in (w_finetuned, w_base))
+            return w_finetuned.to(dtype) - w_base.to(dtype)
+        tau = self.tau.take(tuple(w_base.shape), dtype)
+        if w_finetuned.dtype == w_base.dtype == dtype:
+            return torch.sub(w_finetuned, w_base, out=tau)
+        return tau.copy_(w_finetuned).sub_(w_base)  # the base is upcast exactly inside the subtraction
+
+
+@dataclass
+class RunningStats:
+    """‖τ‖², max |τ|, non-zero count and elements beyond rounding, accumulated chunk by chunk."""
+
+    sum_sq: float = 0.0
+    max_abs: float = 0.0
+    changed: int = 0
+    beyond: int = 0
+
+    def add(self, tau: torch.Tensor, w_finetuned: torch.Tensor, w_base: torch.Tensor) -> int:
+        """Count one chunk in; returns its number of non-zero elements (0: τ is zero there)."""
+        changed = int(torch.count_nonzero(tau))
+        if changed == 0:  # finetuned == base here, so nothing is beyond rounding either
+            return 0
+        self.changed += changed
+        self.beyond += int(torch.count_nonzero(w_finetuned.to(tau.device) != w_base.to(tau.device, w_finetuned.dtype)))
+        low, high = torch.aminmax(tau)
+        self.max_abs = max(self.max_abs, float(-low), float(high))
+        norm = torch.linalg.vector_norm(tau)  # fp32 with blocked sums; fp64 only if that overflowed
+        if not torch.isfinite(norm) and tau.dtype != torch.float64:
+            norm = torch.linalg.vector_norm(tau, dtype=torch.float64)
+        self.sum_sq += float(norm) ** 2
+        return changed
+
+
 def task_vector_tensor(
     base: CheckpointIndex,
     finetuned: CheckpointIndex,
     pair: TensorPair,
     spec: TensorSpec,
-    device: torch.device,
+    buffers: ChunkBuffers,
     chunk_bytes: int,
     writer: ShardedWriter,
 ) -> TensorStats:
-    """τ of one tensor, chunk by chunk, with its exact classification."""
+    """τ of one tensor, chunk by chunk, with its exact classification. Chunks where τ is zero, bit for bit,
+    become holes in the file (nothing written)."""
     b_dtype, f_dtype = base.info(pair.base_name).dtype, finetuned.info(pair.finetuned_name).dtype
-    sum_sq, max_abs, changed, beyond = 0.0, 0.0, 0, 0
+    running = RunningStats()
     for start, stop in iter_row_chunks(spec.shape, spec.dtype, chunk_bytes):
-        w_base = base.read_rows(pair.base_name, start, stop).to(device)
-        w_finetuned = finetuned.read_rows(pair.finetuned_name, start, stop).to(device)
-        tau = w_finetuned.to(spec.dtype) - w_base.to(spec.dtype)
-        writer.write(pair.name, tau)
-        beyond += int(torch.count_nonzero(w_finetuned != w_base.to(f_dtype)))
-        sum_sq += float(tau.double().square().sum())
-        max_abs = max(max_abs, float(tau.abs().max())) if tau.numel() else max_abs
-        changed += int(torch.count_nonzero(tau))
-    if changed == 0:
+        w_base = base.read_rows(pair.base_name, start, stop, buffers.base)
+        w_finetuned = finetuned.read_rows(pair.finetuned_name, start, stop, buffers.finetuned)
+        tau = buffers.difference(w_finetuned, w_base, spec.dtype)
+        if running.add(tau, w_finetuned, w_base) == 0 and not torch.count_nonzero(_bits(tau)):
+            writer.write_zeros(pair.name, spec.dtype, tau.numel() * tau.element_size())
+        else:
+            writer.write(pair.name, tau)
+    if running.changed == 0:
         status = "unchanged"
-    elif beyond == 0 and f_dtype != b_dtype:
+    elif running.beyond == 0 and f_dtype != b_dtype:
         status = "rounding_artifact"
     else:
         status = "changed"
@@ -226,11 +271,16 @@ def task_vector_tensor(
         shape=list(spec.shape),
         base_dtype=short_name(b_dtype),
         finetuned_dtype=short_name(f_dtype),
-        norm=sum_sq**0.5,
-        max_abs=max_abs,
-        changed_fraction=changed / max(1, spec.numel),
-        elements_beyond_rounding=beyond,
+        norm=running.sum_sq**0.5,
+        max_abs=running.max_abs,
+        changed_fraction=running.changed / max(1, spec.numel),
+        elements_beyond_rounding=running.beyond,
     )
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as integers of its width: non-zero wherever its bytes are (−0.0 included)."""
+    return tensor.view({8: torch.int64, 4: torch.int32, 2: torch.int16}.get(tensor.element_size(), torch.uint8))
 
 
 def write_stats(extraction: Extraction, path: Path, sources: dict[str, str]) -> None:

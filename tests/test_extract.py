@@ -236,3 +236,21 @@ def test_different_architectures_are_refused(tiny, tmp_path, pipeline):
     (other / "config.json").write_text(json.dumps(config))
     args = ["--base_model", tiny.base, "--finetuned_model", other, "--output_dir", tmp_path / "tv"]
     assert_user_error(run_script("extract_task_vectors.py", *args), "not the same architecture")
+
+
+def test_negative_zero_differences_are_kept_and_zero_tensors_are_holes(tmp_path):
+    """τ of (−0.0) − (+0.0) is −0.0: written, not left as a hole that reads back +0.0; all-zero chunks are holes."""
+    base = {"a.weight": torch.zeros(512, 1024), "b.weight": torch.randn(4, 4)}
+    finetuned = {"a.weight": torch.zeros(512, 1024), "b.weight": base["b.weight"].clone()}
+    base["b.weight"][0, 0], finetuned["b.weight"][0, 0] = 0.0, -0.0
+    for name, tensors in (("base", base), ("finetuned", finetuned)):
+        (tmp_path / name).mkdir()
+        save_file(tensors, tmp_path / name / "model.safetensors")
+    args = ["--base_model", tmp_path / "base", "--finetuned_model", tmp_path / "finetuned"]
+    result = run_script("extract_task_vectors.py", *args, "--output_dir", tmp_path / "tv")
+    assert result.returncode == 0, result.stderr
+    path = tmp_path / "tv" / "task_vector.safetensors"
+    tau = load_file(path)
+    assert tau["b.weight"][0, 0].signbit() and torch.equal(tau["b.weight"], finetuned["b.weight"] - base["b.weight"])
+    assert not torch.count_nonzero(tau["a.weight"].view(torch.int32))
+    assert path.stat().st_blocks * 512 < path.stat().st_size - 1024 * 1024  # a.weight (2 MiB) is a hole

@@ -19,6 +19,7 @@ from common.safetensors_io import (
     INDEX_FILE,
     CheckpointIndex,
     SafetensorsWriter,
+    Scratch,
     ShardedWriter,
     TensorSpec,
     iter_row_chunks,
@@ -345,6 +346,63 @@ def test_streaming_copy_through_iter_row_chunks_reproduces_the_checkpoint(tmp_pa
     assert copied.keys() == tensors.keys()
     for name, tensor in tensors.items():
         assert_identical(copied[name], tensor, name)
+
+
+@pytest.mark.parametrize("how", ["scratch", "kernel_copy", "copy_through_memory"])
+def test_reused_buffers_and_kernel_copies_reproduce_the_checkpoint(tmp_path, how, monkeypatch):
+    """The merge's fast paths: chunks read into one reused buffer, or bytes copied by copy_file_range (and
+    the plain read-and-write it falls back to where the file system refuses it)."""
+    if how == "copy_through_memory":
+
+        def refuse(*args):
+            raise OSError(18, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    tensors = sample_tensors()
+    save_file(tensors, tmp_path / "source.safetensors")
+    out = tmp_path / "copy"
+    out.mkdir()
+    scratch = Scratch()
+    with CheckpointIndex(tmp_path / "source.safetensors") as source:
+        specs = [TensorSpec(n, source.info(n).dtype, source.info(n).shape) for n in source.names()]
+        writer = ShardedWriter(out, specs, 128, {"format": "pt"})
+        for spec in specs:
+            if how == "scratch":
+                for start, stop in iter_row_chunks(spec.shape, spec.dtype, 24):
+                    writer.write(spec.name, source.read_rows(spec.name, start, stop, scratch))
+            else:
+                writer.copy_from(spec.name, spec.dtype, *source.byte_range(spec.name), spec.nbytes)
+            writer.tensor_done(spec.name)
+        writer.close()
+    copied = {}
+    for shard in sorted(out.glob("*.safetensors")):
+        copied.update(load_file(shard))
+    assert copied.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert_identical(copied[name], tensor, name)
+
+
+def test_zeros_are_written_as_holes_and_read_back_as_zeros(tmp_path):
+    """A task vector's unchanged tensors: no bytes on disk, +0.0 when read (by safetensors' own reader)."""
+    big = TensorSpec("zero.big", torch.float32, (1024, 1024))  # 4 MiB: whole blocks become a hole
+    specs = [TensorSpec("head", torch.float32, (3,)), big, TensorSpec("zero.tail", torch.float16, (5, 7))]
+    path = tmp_path / "sparse.safetensors"
+    with SafetensorsWriter(path, specs, {"format": "pt"}) as writer:
+        writer.write("head", torch.tensor([1.0, -0.0, 2.0]))
+        writer.write_zeros("zero.big", torch.float32, big.nbytes // 2)
+        writer.write("zero.big", torch.zeros(512, 1024))
+        writer.write_zeros("zero.tail", torch.float16, 70)  # the file ends in a hole
+    loaded = load_file(path)
+    assert torch.equal(loaded["head"], torch.tensor([1.0, -0.0, 2.0])) and loaded["head"][1].signbit()
+    for name in ("zero.big", "zero.tail"):
+        assert not torch.count_nonzero(loaded[name].view(torch.int16)), name  # +0.0 bit for bit
+    stat = path.stat()
+    assert stat.st_size == 8 + read_header_size(path) + 12 + big.nbytes + 70
+    assert stat.st_blocks * 512 < stat.st_size - 1024 * 1024  # at least 1 MiB of it is a hole
+
+
+def read_header_size(path: Path) -> int:
+    return struct.unpack("<Q", path.read_bytes()[:8])[0]
 
 
 def test_sharded_writer_output_loads_in_transformers(tiny, tmp_path):
