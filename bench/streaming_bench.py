@@ -2,13 +2,17 @@
 
 Builds a checkpoint with StarCoder2-3B's real dimensions (hidden 3072, intermediate 12288, vocab 49152,
 2 KV heads) and `--layers` layers of random fp32 weights, plus a rank-16 LoRA on q/k/v/o, then times each
-step in its own process under /usr/bin/time (wall seconds, peak RSS):
+step in its own process under /usr/bin/time (wall seconds, peak RSS), `--repeats` times round-robin, and
+reports medians (this machine's timings vary by 2-4x from run to run: page-cache memory freed by one step is
+slow to hand out again for a while):
 - the I/O floor: `import torch, safetensors`, reading the inputs, writing an output of the same size;
 - merge: merge_lora.py (streaming) against peft (`--engine peft`: from_pretrained, merge_and_unload,
   save_pretrained), and checks the two outputs are bitwise equal;
 - extract: extract_task_vectors.py against the naive way (two from_pretrained, subtract, save_file).
+With `--flat_layers N`, merge and extract also run on an N-layer checkpoint: their peak RSS against the
+first's is the memory-flatness ratio.
 
-    .venv/bin/python bench/streaming_bench.py --layers 2 --work /tmp/sc2_bench --out bench/streaming_2_layers.json
+    .venv/bin/python bench/streaming_bench.py --layers 2 --flat_layers 4 --out bench/streaming_2_layers.json
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -91,6 +97,31 @@ def timed(*command: object) -> dict:
     return {"wall_s": float(wall), "peak_rss_gb": round(int(rss_kb) / 1024**2, 3)}
 
 
+def medians(runs: list[dict]) -> dict:
+    return {
+        "wall_s": statistics.median(r["wall_s"] for r in runs),
+        "peak_rss_gb": statistics.median(r["peak_rss_gb"] for r in runs),
+        "all_wall_s": [r["wall_s"] for r in runs],
+    }
+
+
+def round_robin(steps: dict[str, Callable[[int], dict]], repeats: int) -> dict[str, dict]:
+    """Each step `repeats` times, interleaved so slow and fast periods of the machine hit every step."""
+    runs: dict[str, list[dict]] = {name: [] for name in steps}
+    for repeat in range(repeats):
+        for name, step in steps.items():
+            runs[name].append(step(repeat))
+            print(f"  {name} #{repeat}: {runs[name][-1]}", file=sys.stderr)
+    return {name: medians(r) for name, r in runs.items()}
+
+
+def fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    if path.is_file():
+        path.unlink()
+    return path
+
+
 NAIVE_EXTRACT = """
 import sys, torch
 from safetensors.torch import save_file
@@ -109,52 +140,92 @@ with open(sys.argv[1], "wb") as f:
 """
 
 
+def steps(base: Path, adapter: Path, work: Path, with_peers: bool) -> dict[str, Callable[[int], dict]]:
+    """The commands to time; each writes a fresh output (the first merge's is kept as extract's input)."""
+    py = sys.executable
+    size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
+    merged = work / "merged_0"
+
+    def merge(engine: str) -> Callable[[int], dict]:
+        def run(i: int) -> dict:
+            out = fresh(work / ("merged_0" if engine == "stream" and i == 0 else f"merged_{engine}"))
+            args = ["--base_model", base, "--lora_path", adapter, "--output_dir", out, "--device", "cpu"]
+            return timed(py, "merge_lora.py", *args, "--engine", engine)
+
+        return run
+
+    def extract(i: int) -> dict:
+        args = ["--base_model", base, "--finetuned_model", merged, "--output_dir", fresh(work / "tv")]
+        return timed(py, "extract_task_vectors.py", *args, "--device", "cpu")
+
+    ours = {"merge_stream": merge("stream"), "extract_stream": extract}
+    if not with_peers:
+        return ours
+    return {
+        "import_torch": lambda i: timed(py, "-c", "import torch, safetensors"),
+        "read_inputs": lambda i: timed("sh", "-c", f"cat {base}/*.safetensors {adapter}/*.safetensors > /dev/null"),
+        "write_output": lambda i: timed(py, "-c", WRITE_FLOOR, fresh(work / "floor.bin"), size),
+        "merge_stream": ours["merge_stream"],
+        "merge_peft": merge("peft"),
+        "extract_stream": extract,
+        "extract_naive": lambda i: timed(py, "-c", NAIVE_EXTRACT, base, merged, fresh(work / "naive.safetensors")),
+    }
+
+
+def bitwise_equal(ours_dir: Path, theirs_dir: Path) -> bool:
+    from safetensors.torch import load_file
+
+    ours, theirs = {}, {}
+    for folder, tensors in ((ours_dir, ours), (theirs_dir, theirs)):
+        for shard in folder.glob("*.safetensors"):
+            tensors |= load_file(shard)
+    return ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def ratio(a: float, b: float) -> float:
+    return round(a / b, 3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--flat_layers", type=int, default=None, help="also run ours at this many layers")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("/tmp/sc2_bench"))
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     shutil.rmtree(args.work, ignore_errors=True)
-    base, adapter = build(args.work, args.layers)
-    size = (base / "model.safetensors").stat().st_size
-    py = sys.executable
-    runs = {
-        "import_torch": timed(py, "-c", "import torch, safetensors"),
-        "read_inputs": timed("sh", "-c", f"cat {base}/*.safetensors {adapter}/*.safetensors > /dev/null"),
-        "write_output": timed(py, "-c", WRITE_FLOOR, args.work / "floor.bin", size),
-        "merge_stream": timed(py, "merge_lora.py", "--base_model", base, "--lora_path", adapter,
-                              "--output_dir", args.work / "merged_stream", "--device", "cpu"),
-        "merge_peft": timed(py, "merge_lora.py", "--base_model", base, "--lora_path", adapter,
-                            "--output_dir", args.work / "merged_peft", "--device", "cpu", "--engine", "peft"),
-        "extract_stream": timed(py, "extract_task_vectors.py", "--base_model", base, "--finetuned_model",
-                                args.work / "merged_stream", "--output_dir", args.work / "tv", "--device", "cpu"),
-        "extract_naive": timed(py, "-c", NAIVE_EXTRACT, base, args.work / "merged_stream", args.work / "naive.st"),
-    }  # fmt: skip
-    from safetensors.torch import load_file
-
-    ours = load_file(args.work / "merged_stream" / "model.safetensors")
-    theirs = {}
-    for shard in (args.work / "merged_peft").glob("*.safetensors"):
-        theirs |= load_file(shard)
-    bitwise = ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    base, adapter = build(args.work / "model", args.layers)
+    runs = round_robin(steps(base, adapter, args.work, with_peers=True), args.repeats)
+    bitwise = bitwise_equal(args.work / "merged_0", args.work / "merged_peft")
     floor = sum(runs[k]["wall_s"] for k in ("import_torch", "read_inputs", "write_output"))
     report = {
         "layers": args.layers,
-        "checkpoint_gb": round(size / 1e9, 2),
-        "runs": runs,
+        "checkpoint_gb": round((base / "model.safetensors").stat().st_size / 1e9, 2),
+        "repeats": args.repeats,
+        "medians": runs,
+        "io_floor_s": round(floor, 3),
         "merge_bitwise_equal_to_peft": bitwise,
         "ratios": {
-            "merge_time_vs_peft": round(runs["merge_stream"]["wall_s"] / runs["merge_peft"]["wall_s"], 3),
-            "merge_rss_vs_peft": round(runs["merge_stream"]["peak_rss_gb"] / runs["merge_peft"]["peak_rss_gb"], 3),
-            "extract_time_vs_naive": round(runs["extract_stream"]["wall_s"] / runs["extract_naive"]["wall_s"], 3),
-            "extract_rss_vs_naive": round(
-                runs["extract_stream"]["peak_rss_gb"] / runs["extract_naive"]["peak_rss_gb"], 3
-            ),
-            "merge_time_vs_io_floor": round(runs["merge_stream"]["wall_s"] / floor, 3),
-            "extract_time_vs_io_floor": round(runs["extract_stream"]["wall_s"] / floor, 3),
+            "merge_time_vs_peft": ratio(runs["merge_stream"]["wall_s"], runs["merge_peft"]["wall_s"]),
+            "merge_rss_vs_peft": ratio(runs["merge_stream"]["peak_rss_gb"], runs["merge_peft"]["peak_rss_gb"]),
+            "extract_time_vs_naive": ratio(runs["extract_stream"]["wall_s"], runs["extract_naive"]["wall_s"]),
+            "extract_rss_vs_naive": ratio(runs["extract_stream"]["peak_rss_gb"], runs["extract_naive"]["peak_rss_gb"]),
+            "merge_time_vs_io_floor": ratio(runs["merge_stream"]["wall_s"], floor),
+            "extract_time_vs_io_floor": ratio(runs["extract_stream"]["wall_s"], floor),
         },
     }
+    if args.flat_layers:
+        shutil.rmtree(args.work)
+        base, adapter = build(args.work / "model", args.flat_layers)
+        larger = round_robin(steps(base, adapter, args.work, with_peers=False), args.repeats)
+        report["flatness"] = {
+            "layers": args.flat_layers,
+            "checkpoint_gb": round((base / "model.safetensors").stat().st_size / 1e9, 2),
+            "medians": larger,
+            "merge_rss_ratio": ratio(larger["merge_stream"]["peak_rss_gb"], runs["merge_stream"]["peak_rss_gb"]),
+            "extract_rss_ratio": ratio(larger["extract_stream"]["peak_rss_gb"], runs["extract_stream"]["peak_rss_gb"]),
+        }
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
