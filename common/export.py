@@ -307,17 +307,19 @@ def export_findings(export: LoraExport) -> list[str]:
     tensors = export.tensors
     ranks = sorted(t.rank for t in tensors)
     errors = [t.rel_error for t in tensors]
-    how = (
-        f"rank {export.request.rank}"
-        if export.request.rank is not None
-        else f"the smallest rank keeping {100 * export.request.energy:g}% of each tensor's energy, "
-        f"{ranks[0]}–{ranks[-1]} (median {statistics.median(ranks):g})"
-    )
+    if export.request.rank is not None:
+        capped = sum(t.rank < export.request.rank for t in tensors)
+        how = f"rank {export.request.rank}" + (f" (min(m, n) in {capped} smaller tensors)" if capped else "")
+    else:
+        how = (
+            f"the smallest rank keeping {100 * export.request.energy:g}% of each tensor's energy, "
+            f"{ranks[0]}–{ranks[-1]} (median {statistics.median(ranks):g})"
+        )
     skipped = f"; {len(export.skipped)} skipped" if export.skipped else ""
     lines = [
         f"Exported τ as a LoRA ({FOLDER}/, {len(tensors)} modules{skipped}), truncated SVD at {how}: "
         f"‖τ − BA‖/‖τ‖ median {statistics.median(errors):.2e}, max {max(errors):.2e}; the energy left out, "
-        f"1 − Σ_(i≤k) σᵢ²/‖τ‖², at most {max(1 - t.kept_energy for t in tensors):.2e} (= error²: Eckart–Young)."
+        f"1 − Σ_(i≤k) σᵢ²/‖τ‖², at most {max(0.0, *(1 - t.kept_energy for t in tensors)):.2e} (= error²: Eckart–Young)."
     ]
     against_lora = [t.rel_error_lora for t in tensors if t.rel_error_lora is not None]
     if against_lora:
