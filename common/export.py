@@ -7,8 +7,8 @@ Its top-k singular triplets M ≈ U_k Σ_k V_kᵀ are split evenly between the f
 
     B = U_k Σ_k^½ (out × k),   A = Σ_k^½ V_kᵀ (k × in),
 
-so that both sit on the same scale (mergekit puts Σ into B; the product is the same). Everything is float64
-until the factors are saved as fp32. lora_alpha = r makes peft's scaling 1: it merges exactly B @ A.
+so that both sit on the same scale (mergekit's default split too; the product is the same either way). It is
+all float64 until the factors are saved as fp32. lora_alpha = r makes peft's scaling 1: it merges exactly B @ A.
 
 Eckart–Young: no rank-k matrix is closer to M than U_k Σ_k V_kᵀ, and ‖M − B A‖²_F = ‖M‖²_F − Σ_{i≤k} σᵢ².
 So the relative error² and the kept energy Σ_{i≤k} σᵢ² / ‖M‖²_F add up to 1; the fp32 rounding of the factors
