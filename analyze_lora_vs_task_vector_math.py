@@ -7,6 +7,8 @@
 Δ in float64 and a plain LoRA's SVD exactly from its factors). --base_model adds the residual in ulps of
 the merge precision. Writes analysis.json, report.md and the plots (singular value spectra; layer × module
 maps of the relative error, ‖Δ‖ and the subspace angle; with a base, the residual histogram in ulps).
+--export_lora RANK (or --export_lora_energy FRACTION) also writes τ's analysed tensors as a peft adapter,
+by truncated SVD, into exported_lora/, with each tensor's reconstruction error in analysis.json.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from common.adapter import LoraAdapter
 from common.analysis import analysis_report, analyze_files, deltas_from_adapter, deltas_from_file
 from common.cli import add_overwrite, base_parser, log, resolve_device, run, setup_logging, tensor_progress
 from common.compare import plan_deltas
+from common.export import FOLDER, ExportRequest, LoraExporter, energy_fraction, export_rank, recorded_base_config
 from common.model_layout import read_config
 from common.outputs import check_output_dir, staged_output_dir
 from common.plots import analysis_plots
@@ -39,6 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--full_svd", action="store_true", help="exact SVDs even of large matrices (default: randomized above 512)"
     )
+    export = parser.add_mutually_exclusive_group()
+    export.add_argument(
+        "--export_lora", type=export_rank, metavar="RANK", help="also write τ as a rank-RANK peft LoRA (truncated SVD)"
+    )
+    export.add_argument(
+        "--export_lora_energy",
+        type=energy_fraction,
+        metavar="FRACTION",
+        help="the same, per tensor the smallest rank keeping FRACTION of ‖τ‖²_F",
+    )
     add_overwrite(parser)
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
@@ -51,19 +64,28 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         task_vector = stack.enter_context(CheckpointIndex(args.task_vector_file))
         base = stack.enter_context(CheckpointIndex(base_dir)) if base_dir else None
+        changes = {}
         if adapter is not None:
             stack.callback(adapter.close)
             config = read_config(base_dir) if base_dir else {}
             plan = plan_deltas(adapter, base, config, set(task_vector.names()))
-            deltas, count = deltas_from_adapter(adapter, plan, base, device), len(plan.specs)
+            deltas, count, changes = deltas_from_adapter(adapter, plan, base, device), len(plan.specs), plan.changes
         else:
             lora_deltas = stack.enter_context(CheckpointIndex(args.lora_file))
             deltas, count = deltas_from_file(lora_deltas, base, device), len(lora_deltas)
+        exporter = None
+        if args.export_lora or args.export_lora_energy:
+            request = ExportRequest(args.export_lora, args.export_lora_energy, args.full_svd)
+            exporter = LoraExporter(request, changes, recorded_base_config(base_dir, task_vector.metadata))
         staging = stack.enter_context(staged_output_dir(args.output_dir))
         with tensor_progress(count, "analyze", args.verbose) as step:
             known = stats_beside(args.task_vector_file)
-            analysis = analyze_files(deltas, task_vector, device, step, args.full_svd, known)
+            on_matrix = exporter.add if exporter else None
+            analysis = analyze_files(deltas, task_vector, device, step, args.full_svd, known, on_matrix)
         analysis.lora_source = "lora_path" if adapter else "lora_file"
+        if exporter is not None:
+            base_model = task_vector.metadata.get("base_model") or args.base_model
+            analysis.export = exporter.write(staging / FOLDER, adapter.config if adapter else None, base_model)
         report = analysis_report(analysis)
         (staging / "analysis.json").write_text(json.dumps(report, indent=2) + "\n")
         plots = analysis_plots(analysis, staging)
@@ -73,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     for line in report["summary"]["findings"]:
         log.info(f"   {line}")
     log.info(f"\nanalysis.json, report.md and {', '.join(plots)} in {args.output_dir}/")
+    if analysis.export is not None:
+        log.info(f"the exported adapter in {args.output_dir / FOLDER}/ ({analysis.export.seconds:.1f} s)")
     return 0
 
 

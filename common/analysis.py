@@ -12,6 +12,7 @@ import torch
 from common.adapter import LoraAdapter, LoraTarget
 from common.compare import DeltaPlan, exact_delta
 from common.errors import UserError
+from common.export import LoraExport, export_findings, export_report
 from common.lora import product_magnitude
 from common.metrics import evenly_spaced, residual_ulps, rounding_bound
 from common.precision import dtype_from_name
@@ -29,6 +30,7 @@ class Analysis:
     merge_dtype: str | None = None
     lora_source: str = "lora_file"  # or "lora_path": Δ computed from the adapter in float64
     ulp_samples: list[torch.Tensor] = field(default_factory=list)  # per tensor, (τ − Δ) in ulps (with a base)
+    export: LoraExport | None = None  # --export_lora: τ as a LoRA adapter
 
 
 @dataclass
@@ -75,10 +77,12 @@ def analyze_files(
     on_tensor: Callable[[str], None] = lambda line: None,
     full_svd: bool = False,
     known_status: dict[str, str] | None = None,
+    on_matrix: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> Analysis:
     """Analyze every matrix Δ against τ; count τ's other tensors that are non-zero.
 
     The extraction's stats (`known_status`) say which of τ's other tensors are zero without reading them.
+    `on_matrix(name, Δ, τ)` gets every analysed pair while it is in memory (the LoRA export).
     """
     analysis = Analysis(merge_dtype=task_vector.metadata.get("finetuned_dtype"))
     merge_dtype = dtype_from_name(analysis.merge_dtype or "")
@@ -100,6 +104,8 @@ def analyze_files(
         if item.base_weight is not None and merge_dtype is not None and item.base_weight.shape == tau.shape:
             analysis.ulp_samples.append(add_residual_in_ulps(spectrum, item, tau, merge_dtype))
         analysis.tensors.append(spectrum)
+        if on_matrix is not None:
+            on_matrix(item.name, item.delta, tau)
         on_tensor(
             f"{item.name}: rank Δ {spectrum.rank_lora}, rank τ {spectrum.rank_task_vector}, "
             f"angle {spectrum.principal_angle_deg:.2e}°, rel. error {spectrum.rel_error:.2e}"
@@ -219,6 +225,8 @@ def findings(analysis: Analysis) -> list[str]:
         f"Tensors in τ that the adapter does not touch: {others + analysis.task_vector_only_zero} "
         f"({analysis.task_vector_only_zero} exactly zero, {others} non-zero)."
     )
+    if analysis.export is not None:
+        lines += export_findings(analysis.export)
     return lines
 
 
@@ -243,4 +251,5 @@ def analysis_report(analysis: Analysis) -> dict:
         "by_module": aggregate(analysis.tensors, lambda s: s.module),
         "by_layer": aggregate(analysis.tensors, lambda s: s.layer),
         "tensors": [asdict(s) for s in analysis.tensors],
+        **({"export_lora": export_report(analysis.export)} if analysis.export is not None else {}),
     }

@@ -106,4 +106,21 @@ def analysis_markdown(report: dict, plots: list[str]) -> str:
             f"| {t['name']} | {t['rank_lora']} | {t['rank_task_vector']} | {t['cosine']:.6f} | "
             f"{t['rel_error']:.2e} | {t['principal_angle_deg']:.2e} | {t['sigma_tail_ratio']:.2e} |"
         )
+    if "export_lora" in report:
+        lines += export_markdown(report["export_lora"])
     return "\n".join(lines) + "\n"
+
+
+def export_markdown(export: dict) -> list[str]:
+    """report.md's table of the exported LoRA: rank, kept energy and errors per tensor."""
+    lines = ["", f"## Exported LoRA ({export['folder']}/)", ""]
+    if export["skipped"]:
+        lines += [f"- {name}: skipped, {reason}" for name, reason in export["skipped"].items()] + [""]
+    lines += ["| tensor | layout | rank | kept energy | ‖τ−BA‖/‖τ‖ | ‖Δ−BA‖/‖Δ‖ |", "|---|---|---|---|---|---|"]
+    for t in export["tensors"]:
+        against_lora = "–" if t["rel_error_lora"] is None else f"{t['rel_error_lora']:.2e}"
+        lines.append(
+            f"| {t['name']} | {t['layout']} | {t['rank']} | {t['kept_energy']:.9f} | {t['rel_error']:.2e} | "
+            f"{against_lora} |"
+        )
+    return lines

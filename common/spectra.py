@@ -109,22 +109,30 @@ def module_and_layer(name: str) -> tuple[str, int | None]:
 
 
 def top_singular(matrix: torch.Tensor, k: int, full: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """The top-k left singular vectors and values of a float64 matrix, and whether they are all of them.
+    """The top-k left singular vectors and values of a float64 matrix, and whether they are all of them
+    (see `truncated_svd`)."""
+    u, s, _, exact = truncated_svd(matrix, k, full)
+    return u, s, exact
 
-    Small matrices (or `full`) get an exact SVD. Large ones get a randomized SVD: `torch.svd_lowrank` in
-    float32 (k + 10 columns, 6 power iterations) finds the dominant column space, and a float64 SVD of the
-    matrix projected on it (Rayleigh–Ritz) gives the values and vectors; the top values agree with a full
-    float64 SVD to ~1e-12 relative when they stand above a noise floor, as a LoRA update does (tested).
+
+def truncated_svd(matrix: torch.Tensor, k: int, full: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """U, σ and Vᵀ of a float64 matrix's top-k singular triplets, and whether they are all of them.
+
+    Small matrices (or `full`) get an exact SVD, returned whole. Large ones get a randomized SVD:
+    `torch.svd_lowrank` in float32 (k + 10 columns, 6 power iterations) finds the dominant column space Q,
+    and a float64 SVD of Qᵀ·matrix (Rayleigh–Ritz) gives the values and vectors; the top values agree with a
+    full float64 SVD to ~1e-12 relative when they stand above a noise floor, as a LoRA update does (tested).
+    Either way U σ Vᵀ = U Uᵀ·matrix, the projection on U's columns: ‖matrix − U σ Vᵀ‖² = ‖matrix‖² − Σσ².
     """
     smallest = min(matrix.shape)
     if full or smallest <= FULL_SVD_MAX or k + OVERSAMPLE >= smallest:
-        u, s, _ = torch.linalg.svd(matrix, full_matrices=False)
-        return u, s, True
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        return u, s, vh, True
     torch.manual_seed(0)  # randomized, but reproducible
     basis, _, _ = torch.svd_lowrank(matrix.float(), q=k + OVERSAMPLE, niter=POWER_ITERATIONS)
     basis, _ = torch.linalg.qr(basis.double())
-    u_small, s, _ = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
-    return (basis @ u_small)[:, :k], s[:k], False
+    u_small, s, vh = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
+    return (basis @ u_small)[:, :k], s[:k], vh[:k], False
 
 
 def low_rank_spectrum(matrix: torch.Tensor, dtype: torch.dtype, full: bool) -> tuple[torch.Tensor, torch.Tensor]:
