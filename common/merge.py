@@ -32,7 +32,7 @@ from common.adapter import (
     check_targets_match,
     names_in_checkpoint,
 )
-from common.errors import UserError
+from common.finite import non_finite_merge
 from common.lora import apply_changes
 from common.model_layout import HEAD, tied_embedding
 from common.precision import short_name
@@ -147,10 +147,7 @@ def merge_checkpoint(
         writer.abort()
         raise
     if summary.non_finite:
-        raise UserError(
-            f"the merge at {short_name(precision)} gives non-finite values (overflow) in {len(summary.non_finite)} "
-            f"tensors: {', '.join(summary.non_finite[:3])}; merge at fp32 or bf16"
-        )
+        raise non_finite_merge(summary.non_finite, short_name(precision), plan.sources, plan.changes, adapter, base)
     return summary
 
 
