@@ -16,7 +16,7 @@ from common.errors import UserError
 
 log = logging.getLogger("lora_tv")
 # Errors that say the disk, not the program, could not take the output.
-WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
+WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
 def check_output_dir(output_dir: Path, inputs: list[Path], overwrite: bool) -> None:
