@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                 writer.abort()
                 raise
         write_stats(extraction, staging / STATS_FILE, sources)
-        warnings = non_finite_task_vector_warnings(base, finetuned, pairs, extraction)
+        non_finite = non_finite_task_vector_warnings(base, finetuned, pairs, extraction)
 
     log.info(extraction.summary_line())
     for reason, names in extraction.left_out().items():
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     skipped = sum(t.skipped for t in extraction.tensors)
     if skipped:
         log.info(f"{skipped} unchanged tensors left out of the file (--skip_unchanged)")
-    for line in warnings:
+    for line in non_finite:
         log.warning(line)
     files = [f for f, _ in writer.shards] + ([writer.index_name] if len(writer.shards) > 1 else [])
     log.info(f"wrote {', '.join(files)} and {STATS_FILE} in {args.output_dir}/")

@@ -23,6 +23,8 @@ SHOWN = 3  # tensors named in one line
 
 @dataclass(frozen=True)
 class NonFinite:
+    """How many NaN and ±Inf values a tensor (or several) holds; false when none."""
+
     nan: int = 0
     inf: int = 0
 
@@ -37,7 +39,7 @@ class NonFinite:
 
 
 def count_non_finite(tensor: torch.Tensor) -> NonFinite:
-    if not tensor.dtype.is_floating_point:
+    if not tensor.dtype.is_floating_point or bool(torch.isfinite(tensor).all()):
         return NonFinite()
     return NonFinite(int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum()))
 
@@ -92,7 +94,8 @@ def non_finite_merge(
     described = []
     for name in names[:SHOWN]:
         found = non_finite_inputs(sources[name], changes.get(name, []), adapter, base)
-        why = "; ".join(found) if found else f"overflow at {precision}: merge at fp32 or bf16"
+        advice = ": merge at fp32 or bf16" if precision == "fp16" else ""
+        why = "; ".join(found) if found else f"overflow at {precision}{advice}"
         described.append(f"{name} ({why})")
     more = " ..." if len(names) > SHOWN else ""
     return UserError(
