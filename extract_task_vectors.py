@@ -27,6 +27,7 @@ from common.cli import (
     setup_logging,
     tensor_progress,
 )
+from common.finite import non_finite_task_vector_warnings
 from common.model_layout import read_config
 from common.outputs import check_output_dir, staged_output_dir
 from common.precision import short_name
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                 writer.abort()
                 raise
         write_stats(extraction, staging / STATS_FILE, sources)
+        non_finite = non_finite_task_vector_warnings(base, finetuned, pairs, extraction)
 
     log.info(extraction.summary_line())
     for reason, names in extraction.left_out().items():
@@ -117,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     skipped = sum(t.skipped for t in extraction.tensors)
     if skipped:
         log.info(f"{skipped} unchanged tensors left out of the file (--skip_unchanged)")
+    for line in non_finite:
+        log.warning(line)
     files = [f for f, _ in writer.shards] + ([writer.index_name] if len(writer.shards) > 1 else [])
     log.info(f"wrote {', '.join(files)} and {STATS_FILE} in {args.output_dir}/")
     return 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +26,11 @@ import torch
 
 from common.errors import UserError
 from common.model_layout import read_json_object
+from common.precision import short_name
 from common.safetensors_io import CheckpointIndex
 
 CONFIG_FILE = "adapter_config.json"
+ADAPTER_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 PREFIX = "base_model.model."
 log = logging.getLogger("lora_tv")
 KEY = re.compile(
@@ -142,6 +145,7 @@ class LoraAdapter:
         token_rows: list[Change] = []
         if "token_adapter.trainable_tokens_delta" in keys:
             key = keys.pop("token_adapter.trainable_tokens_delta")
+            self._check_dtypes(key)
             token_rows.append(TokenRows(f"{module}.weight", key, self._token_indices(module)))
         if not keys:
             return token_rows
@@ -152,6 +156,7 @@ class LoraAdapter:
         target = self._target(module, keys[a], keys[b], embedding, keys.get("lora_magnitude_vector"))
         changes: list[Change] = [target, *token_rows]
         if "lora_B.bias" in keys:
+            self._check_dtypes(keys["lora_B.bias"])
             changes.append(BiasUpdate(f"{module}.bias", keys["lora_B.bias"], target.scaling))
         return changes
 
@@ -161,6 +166,12 @@ class LoraAdapter:
             raise UserError(
                 f"{self.folder}: {module} has factors of shapes {list(shape_a)} and {list(shape_b)} "
                 "(only linear and embedding LoRA layers are supported)"
+            )
+        self._check_dtypes(key_a, key_b, *([magnitude] if magnitude else []))
+        if magnitude and self.weights.shape(magnitude) != (shape_b[0],):
+            raise UserError(
+                f"{self.folder}: {module} has a DoRA magnitude of shape {list(self.weights.shape(magnitude))}, "
+                f"not [{shape_b[0]}] (one per output feature)"
             )
         rank = shape_a[0]
         config_rank = pattern_value(self.config.get("rank_pattern"), module, self.config.get("r", 8))
@@ -185,12 +196,19 @@ class LoraAdapter:
             magnitude_key=magnitude,
         )
 
+    def _check_dtypes(self, *keys: str) -> None:
+        """Factors, magnitudes, bias updates and token rows are what peft trains: floating point tensors."""
+        for key in keys:
+            dtype = self.weights.dtype(key)
+            if dtype not in ADAPTER_DTYPES:
+                raise UserError(f"{self.folder}: {key} is {short_name(dtype)}, not fp16, bf16, fp32 or fp64")
+
     def _token_indices(self, module: str) -> tuple[int, ...]:
         indices = self.config.get("trainable_token_indices")
         if isinstance(indices, dict):
             matching = [v for k, v in indices.items() if module == k or module.endswith(f".{k}")]
             indices = matching[0] if matching else None
-        if not isinstance(indices, list) or not all(isinstance(i, int) for i in indices):
+        if not isinstance(indices, list) or not indices or not all(type(i) is int and i >= 0 for i in indices):
             raise UserError(f"{self.folder}: no trainable_token_indices for {module} in {CONFIG_FILE}")
         return tuple(indices)
 
@@ -252,7 +270,7 @@ def _fits(adapter: LoraAdapter, change: Change, shape: tuple[int, ...]) -> bool:
     if isinstance(change, TokenRows):
         rows = adapter.weights.shape(change.key)
         return (
-            len(shape) == 2
+            len(shape) == len(rows) == 2
             and shape[1] == rows[1]
             and rows[0] == len(change.indices)
             and max(change.indices) < shape[0]
@@ -262,7 +280,7 @@ def _fits(adapter: LoraAdapter, change: Change, shape: tuple[int, ...]) -> bool:
 
 def _needed(adapter: LoraAdapter, change: Change) -> str:
     if isinstance(change, TokenRows):
-        return f"rows {list(change.indices)} of width {adapter.weights.shape(change.key)[1]}"
+        return f"rows {list(change.indices)} as {list(adapter.weights.shape(change.key))}"
     return str(list(adapter.expected_shape(change)))
 
 
@@ -285,10 +303,65 @@ def _read_config(path: Path) -> dict:
     config = read_json_object(path)
     peft_type = config.get("peft_type", "LORA")
     if peft_type != "LORA":
-        raise UserError(f"{path}: peft_type {peft_type} is not supported (only LORA)")
+        raise UserError(f"{path}: peft_type {_shorten(str(peft_type))} is not supported (only LORA)")
     if config.get("layer_replication"):
         raise UserError(f"{path}: layer_replication cannot be merged (peft refuses it too)")
+    _check_config_types(path, config)
     return config
+
+
+def _positive_int(value: object) -> bool:
+    return type(value) is int and value > 0
+
+
+def _number(value: object) -> bool:
+    try:
+        return type(value) in (int, float) and math.isfinite(float(value))
+    except OverflowError:  # an integer beyond float range
+        return False
+
+
+def _optional_boolean(value: object) -> bool:
+    return value is None or type(value) is bool
+
+
+def _patterns_of(valid: Callable[[object], bool]) -> Callable[[object], bool]:
+    """A rank_pattern / alpha_pattern: null, or module-path regexes (as peft matches them) to valid values."""
+
+    def valid_patterns(value: object) -> bool:
+        if value is None:
+            return True
+        if not isinstance(value, dict) or not all(valid(v) for v in value.values()):
+            return False
+        try:
+            for key in value:
+                re.compile(rf"(.*\.)?({key})$")
+        except re.error:
+            return False
+        return True
+
+    return valid_patterns
+
+
+# The fields the merge reads, with the types peft writes them in; anything else is the file's problem.
+CONFIG_FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
+    "r": (_positive_int, "a positive integer"),
+    "lora_alpha": (_number, "a finite number"),
+    "use_rslora": (_optional_boolean, "true or false"),
+    "fan_in_fan_out": (_optional_boolean, "true or false"),
+    "rank_pattern": (_patterns_of(_positive_int), "an object of module-path regexes to positive integers"),
+    "alpha_pattern": (_patterns_of(_number), "an object of module-path regexes to numbers"),
+}
+
+
+def _check_config_types(path: Path, config: dict) -> None:
+    for key, (valid, what) in CONFIG_FIELDS.items():
+        if key in config and not valid(config[key]):
+            raise UserError(f"{path}: {key} must be {what}, not {_shorten(repr(config[key]))}")
+
+
+def _shorten(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _AdapterWeights:
@@ -311,6 +384,9 @@ class _AdapterWeights:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.index.info(name).shape if self.index else tuple(self.tensors[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.index.info(name).dtype if self.index else self.tensors[name].dtype
 
     def read(self, name: str) -> torch.Tensor:
         return self.index.read(name) if self.index else self.tensors[name]

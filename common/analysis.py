@@ -13,6 +13,7 @@ from common.adapter import LoraAdapter, LoraTarget
 from common.compare import DeltaPlan, exact_delta
 from common.errors import UserError
 from common.export import LoraExport, export_findings, export_report
+from common.finite import require_finite
 from common.lora import product_magnitude
 from common.metrics import evenly_spaced, residual_ulps, rounding_bound
 from common.precision import dtype_from_name
@@ -50,7 +51,9 @@ def deltas_from_file(
     """Δ as compare saved it (fp32), with the base weight of the same name when a base is given."""
     for name in lora_deltas.names():
         weight = base.read(name).to(device) if base is not None and name in base else None
-        yield LoraDelta(name, lora_deltas.read(name).to(device), weight)
+        delta = lora_deltas.read(name).to(device)
+        require_finite(delta, f"{lora_deltas.source}: tensor {name}")
+        yield LoraDelta(name, delta, weight)
 
 
 def deltas_from_adapter(
@@ -96,6 +99,7 @@ def analyze_files(
             analysis.not_matrices.append(item.name)
             continue
         tau = task_vector.read(item.name).to(device)
+        require_finite(tau, f"{task_vector.source}: tensor {item.name}")
         if item.delta.shape != tau.shape:
             raise UserError(
                 f"{item.name}: LoRA delta {list(item.delta.shape)} and task vector {list(tau.shape)} do not match"

@@ -1,6 +1,7 @@
 """What every script shares at its boundary: --device, --config, logging, and the exit-code contract.
 
-Exit codes: 0 success, 1 a negative verdict (compare), 2 a user error (one line on stderr).
+Exit codes: 0 success, 1 a negative verdict (compare), 2 a user error (one line on stderr),
+130 Ctrl-C, 143 SIGTERM (129 SIGHUP): unfinished output is removed in all of these.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import contextlib
 import logging
 import os
 import re
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -75,21 +77,51 @@ def add_overwrite(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --output_dir")
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised where the program stands so that cleanups (staged outputs) run as on Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame: object) -> None:
+    signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
+    raise Terminated(signum)
+
+
 def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:
-    """Run a script's main: user errors become one line on stderr and exit code 2, never a traceback."""
+    """Run a script's main: user errors (and failures of the OS: a missing file, a full disk) become one line
+    on stderr and exit code 2, never a traceback; SIGTERM and SIGHUP clean up as Ctrl-C does."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) == signal.SIG_DFL:  # not when ignored, as under nohup
+            signal.signal(signum, _terminate)
     try:
         code = main(argv)
-    except UserError as e:
+    except (UserError, OSError) as e:
         if debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
-        print("interrupted: no output was written", file=sys.stderr)
+        print("interrupted: any unfinished output was removed", file=sys.stderr)
         code = 130
+    except Terminated as e:
+        print(f"interrupted by {signal.Signals(e.signum).name}: any unfinished output was removed", file=sys.stderr)
+        code = 128 + e.signum
     sys.exit(code)
+
+
+def one_line(error: Exception) -> str:
+    """A user error's message; an OS error as `path: reason`."""
+    if isinstance(error, OSError) and error.strerror:
+        paths = " -> ".join(str(p) for p in (error.filename, error.filename2) if p is not None)
+        text = f"{paths}: {error.strerror}" if paths else error.strerror
+    else:
+        text = str(error)
+    return " ".join(text.split())
 
 
 def setup_logging(verbose: bool, to_stderr: bool = False) -> None:

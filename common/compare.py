@@ -25,6 +25,7 @@ from common.adapter import (
     names_in_checkpoint,
 )
 from common.errors import UserError
+from common.finite import require_finite, require_finite_delta
 from common.lora import apply_changes, base_free_delta, is_base_free, product_magnitude
 from common.merge import plan_merge
 from common.metrics import PERFECT_COSINE, TensorComparison, add_rounding_check, compare_tensor, ulp_sample
@@ -89,10 +90,27 @@ def exact_delta(
     """Δ in float64 (and the base tensor when there is one): merged − base, computed as the merge does."""
     changes = plan.changes[name]
     if base is None:
-        return sum(base_free_delta(c, adapter, device) for c in changes), None
-    weight = base.read(plan.sources[name]).to(device)
-    exact = weight.double()
-    return apply_changes(exact.clone(), changes, adapter, torch.float64) - exact, weight
+        delta, weight = sum(base_free_delta(c, adapter, device) for c in changes), None
+    else:
+        weight = base.read(plan.sources[name]).to(device)
+        exact = weight.double()
+        delta = apply_changes(exact.clone(), changes, adapter, torch.float64) - exact
+    require_finite_delta(delta, name, plan.sources[name], changes, adapter, base)
+    return delta, weight
+
+
+def check_task_vector_shapes(plan: DeltaPlan, task_vector: CheckpointIndex) -> None:
+    """Every Δ must have the shape of the τ it is compared with (an adapter of another model has not)."""
+    wrong = [
+        f"{s.name} {list(task_vector.info(s.name).shape)} vs Δ {list(s.shape)}"
+        for s in plan.specs
+        if s.name in task_vector and task_vector.info(s.name).shape != tuple(s.shape)
+    ]
+    if wrong:
+        raise UserError(
+            f"{task_vector.source}: {len(wrong)} tensors do not have the shape of the adapter's deltas "
+            f"(built for another model?): {'; '.join(wrong[:3])}"
+        )
 
 
 def compare_adapter(
@@ -111,6 +129,7 @@ def compare_adapter(
     config = adapter.config
     scaling = (config.get("lora_alpha", 8), config.get("r", 8), bool(config.get("use_rslora", False)))
     comparison = Comparison(tolerance=tolerance, merge_dtype=merge_dtype, scaling=scaling)
+    check_task_vector_shapes(plan, task_vector)
     for spec in plan.specs:
         delta, weight = exact_delta(spec.name, plan, adapter, base, device)
         deltas_writer.write(spec.name, delta.float())
@@ -118,6 +137,7 @@ def compare_adapter(
             comparison.lora_only.append(spec.name)
             continue
         tau = task_vector.read(spec.name).to(device)
+        require_finite(tau, f"{task_vector.source}: task vector tensor {spec.name}")
         result = compare_tensor(spec.name, delta, tau)
         if weight is not None and merge_dtype is not None:
             check_rounding(result, comparison, weight, delta, tau, plan.changes[spec.name], adapter)

@@ -32,7 +32,7 @@ from common.adapter import (
     check_targets_match,
     names_in_checkpoint,
 )
-from common.errors import UserError
+from common.finite import non_finite_merge
 from common.lora import apply_changes
 from common.model_layout import HEAD, tied_embedding
 from common.precision import all_finite, short_name
@@ -148,10 +148,7 @@ def merge_checkpoint(
         writer.abort()
         raise
     if summary.non_finite:
-        raise UserError(
-            f"the merge at {short_name(precision)} gives non-finite values (overflow) in {len(summary.non_finite)} "
-            f"tensors: {', '.join(summary.non_finite[:3])}; merge at fp32 or bf16"
-        )
+        raise non_finite_merge(summary.non_finite, short_name(precision), plan.sources, plan.changes, adapter, base)
     return summary
 
 
@@ -164,17 +161,19 @@ def write_cast(
     scratch: tuple[Scratch, Scratch],
 ) -> bool:
     """A tensor the adapter does not touch: its bytes copied by the kernel when the dtype stays, else cast in
-    row chunks (on the CPU: a cast rounds the same on every device). True when the output is finite."""
+    row chunks (on the CPU: a cast rounds the same on every device). True when the output is finite (checked in
+    row chunks read into a reused buffer, also for a copy)."""
     stored = base.info(source).dtype
-    if stored == spec.dtype:
+    copied = stored == spec.dtype
+    if copied:
         writer.copy_from(spec.name, spec.dtype, *base.byte_range(source), spec.nbytes)
-        return True  # the base's own values: a cast cannot have overflowed
     finite = True
     for start, stop in iter_row_chunks(spec.shape, stored, chunk_bytes):
         chunk = base.read_rows(source, start, stop, scratch[0])
-        cast = scratch[1].take(tuple(chunk.shape), spec.dtype).copy_(chunk)
-        finite = finite and all_finite(cast)
-        writer.write(spec.name, cast)
+        output = chunk if copied else scratch[1].take(tuple(chunk.shape), spec.dtype).copy_(chunk)
+        finite = finite and all_finite(output)  # NaN or Inf in the base, or a cast that overflowed
+        if not copied:
+            writer.write(spec.name, output)
     return finite
 
 

@@ -16,7 +16,7 @@ def read_json_object(path: Path) -> dict:
     """A JSON file that must hold an object; anything else is the user's file's problem."""
     try:
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # JSON or UTF-8 errors, an integer of 5000 digits, deep nesting
         raise UserError(f"{path}: invalid JSON ({type(e).__name__})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: not a JSON object")

@@ -7,9 +7,12 @@ Files are little-endian: `[u64 header length N][N bytes of JSON header][tensor d
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
+import stat
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -40,6 +43,8 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 INDEX_FILE = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_DIMENSION = 2**63 - 1  # safetensors stores sizes as u64 and torch as int64
+MAX_RANK = 64  # dimensions of one tensor (torch's own limit); bounds the work a forged shape can ask for
 
 
 @dataclass(frozen=True)
@@ -63,8 +68,15 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and validate a safetensors header: tensors by name (in file order) and metadata."""
-    size = path.stat().st_size
+    """Parse and validate a safetensors header: tensors by name (in file order) and metadata.
+
+    Every shape is checked against the bytes the file holds before anything is allocated, so a forged
+    shape is refused here, not met as a huge allocation later.
+    """
+    status = path.stat()
+    if not stat.S_ISREG(status.st_mode):
+        raise UserError(f"{path}: not a regular file")
+    size = status.st_size
     with open(path, "rb") as f:
         raw_len = f.read(8)
         if len(raw_len) < 8:
@@ -74,13 +86,15 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raise UserError(f"{path}: corrupt safetensors file (header length {header_len} past end of file)")
         try:
             header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:  # invalid JSON or UTF-8, an integer of 5000 digits, deep nesting
             raise UserError(f"{path}: corrupt safetensors header ({type(e).__name__})") from None
     if not isinstance(header, dict):
         raise UserError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise UserError(f"{path}: corrupt safetensors header (__metadata__ is not an object of strings)")
+    if not all(_is_unicode(text) for text in (*header, *metadata, *metadata.values())):
+        raise UserError(f"{path}: corrupt safetensors header (a name that is not valid Unicode)")
     data_start = 8 + header_len
     tensors = [_tensor_info(path, name, entry, data_start) for name, entry in header.items()]
     tensors.sort(key=lambda t: t.start)
@@ -89,32 +103,58 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
 
 
 def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
-    try:
-        dtype = DTYPES[entry["dtype"]]
-        shape = tuple(entry["shape"])
-        begin, end = entry["data_offsets"]
-        if not all(type(d) is int and d >= 0 for d in (*shape, begin, end)):
-            raise ValueError
-    except KeyError as e:
-        raise UserError(f"{path}: tensor {name!r} has an unknown dtype or missing field {e}") from None
-    except (TypeError, ValueError):
-        raise UserError(f"{path}: tensor {name!r} has a malformed header entry") from None
-    info = TensorInfo(name, path, dtype, shape, data_start + begin, data_start + end)
+    """One header entry, checked: a known dtype, a shape whose bytes are exactly its data_offsets' range."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise UserError(f"{path}: tensor {name!r} has a malformed header entry (needs dtype, shape, data_offsets)")
+    dtype = DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+    if dtype is None:
+        raise UserError(f"{path}: tensor {name!r} has an unknown dtype {_shorten(repr(entry['dtype']))}")
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if not (
+        isinstance(shape, list)
+        and len(shape) <= MAX_RANK
+        and isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(type(d) is int and 0 <= d <= MAX_DIMENSION for d in (*shape, *offsets))
+    ):
+        raise UserError(f"{path}: tensor {name!r} has a malformed shape or data_offsets")
+    info = TensorInfo(name, path, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
     if info.nbytes != info.numel * dtype.itemsize:
-        raise UserError(f"{path}: tensor {name!r} byte range does not match its shape and dtype")
+        raise UserError(
+            f"{path}: tensor {name!r} of shape {_shorten(str(shape))} needs {info.numel * dtype.itemsize} bytes "
+            f"but its data_offsets give {info.nbytes}"
+        )
     return info
 
 
 def _check_layout(path: Path, tensors: list[TensorInfo], data_start: int, size: int) -> None:
+    """Tensors must fill the data section exactly, in order: no overlap, no gap, nothing past the end."""
     position = data_start
     for t in tensors:
+        if t.end > size:
+            raise UserError(
+                f"{path}: truncated safetensors file, or data_offsets out of range (tensor {t.name!r} ends at "
+                f"byte {t.end}, the file has {size})"
+            )
         if t.start != position:
-            raise UserError(f"{path}: corrupt safetensors file (tensor {t.name!r} overlaps or leaves a gap)")
+            problem = "overlaps the tensor before it" if t.start < position else "leaves a gap before it"
+            raise UserError(f"{path}: corrupt safetensors file (tensor {t.name!r} {problem})")
         position = t.end
-    if position > size:
-        raise UserError(f"{path}: truncated safetensors file ({size} bytes, header needs {position})")
     if position < size:
         raise UserError(f"{path}: corrupt safetensors file ({size - position} bytes after the last tensor)")
+
+
+def _is_unicode(text: str) -> bool:
+    """JSON's \\ud800 escapes decode to lone surrogates, which no UTF-8 output can print (safetensors refuses them)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shorten(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def read_bytes_into(f: BinaryIO, buffer: torch.Tensor, offset: int) -> None:
@@ -242,7 +282,7 @@ def _indexed_shards(index_path: Path) -> list[Path]:
         shard_names = sorted(set(weight_map.values()))
         if not all(isinstance(name, str) and Path(name).name == name for name in shard_names):
             raise TypeError("shard names must be plain file names in the same folder")
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError, AttributeError) as e:
+    except (ValueError, RecursionError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"{index_path}: invalid index file ({type(e).__name__}: {e})") from None
     shards = [index_path.parent / name for name in shard_names]
     missing = [str(p.name) for p in shards if not p.is_file()]
@@ -298,7 +338,8 @@ class SafetensorsWriter:
     Tensors may arrive in row chunks; only the chunk being written is in memory. A tensor just written
     can be `discard`ed (its bytes are truncated away and the header, whose space was reserved for all
     declared tensors, is rewritten without it). The file appears at `path` only after every byte has
-    been written (it is built as `<path>.partial`).
+    been written and its header read back from disk matches the tensors written (it is built as
+    `<path>.partial`); a failed write or close removes the partial file.
     """
 
     def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None):
@@ -310,46 +351,55 @@ class SafetensorsWriter:
         self._remaining = [(s.name, s.nbytes, s.dtype) for s in reversed(specs)]
         header = safetensors_header(specs, metadata)
         self._header_size = len(header)
-        self._file = open(self.partial, "wb")
-        self._file.write(header)
         self._left_in_tensor = 0
+        self._ends_in_hole = False
         self._tensor_start = self._header_size
+        self._file = open(self.partial, "wb")
+        with self._aborting_on_error():
+            self._file.write(header)
+
+    @contextlib.contextmanager
+    def _aborting_on_error(self) -> Iterator[None]:
+        """Whatever fails, the partial file goes; a failed write (disk full) names the file it was for."""
+        try:
+            yield
+        except BaseException as e:
+            self.abort()
+            if isinstance(e, OSError) and e.filename is None:
+                e.filename = str(self.path)
+            raise
 
     def write(self, name: str, chunk: torch.Tensor) -> None:
         """Append the next rows of tensor `name` (tensors must come in the order they were declared)."""
         data = chunk.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._advance(name, chunk.dtype, data.nbytes)
-        self._file.write(memoryview(data))
+        with self._aborting_on_error():
+            self._advance(name, chunk.dtype, data.nbytes)
+            self._file.write(memoryview(data))
+            self._ends_in_hole = self._ends_in_hole and not data.nbytes
 
     def write_zeros(self, name: str, dtype: torch.dtype, nbytes: int) -> None:
         """Append `nbytes` of zero bytes to tensor `name` as a hole in the file: nothing is written or held in
         memory, and the file reads back zeros there (a task vector's unchanged tensors cost no disk)."""
-        self._advance(name, dtype, nbytes)
-        self._file.seek(nbytes, os.SEEK_CUR)
+        with self._aborting_on_error():
+            self._advance(name, dtype, nbytes)
+            self._file.seek(nbytes, os.SEEK_CUR)
+            self._ends_in_hole = True
 
     def copy_from(self, name: str, dtype: torch.dtype, source_fd: int, offset: int, nbytes: int) -> None:
         """Append `nbytes` of another file (from `offset`) to tensor `name`, copied by the kernel
         (`copy_file_range`: no pass through user memory); a plain read and write where it is unsupported."""
-        self._advance(name, dtype, nbytes)
-        self._file.flush()
-        position = self._file.tell()
-        done = 0
-        try:
-            while done < nbytes:
-                copied = os.copy_file_range(
-                    source_fd, self._file.fileno(), nbytes - done, offset + done, position + done
-                )
-                if copied == 0:
-                    raise UserError(f"{self.path}: source file ended early while copying {name!r}")
-                done += copied
-        except OSError:  # another file system, an old kernel: copy through memory
-            while done < nbytes:
+        with self._aborting_on_error():
+            self._advance(name, dtype, nbytes)
+            self._file.flush()
+            position = self._file.tell()
+            done = _kernel_copy(source_fd, self._file.fileno(), offset, position, nbytes)
+            while done < nbytes:  # another file system, an old kernel: copy through memory
                 data = os.pread(source_fd, min(nbytes - done, 1 << 26), offset + done)
                 if not data:
-                    raise UserError(f"{self.path}: source file ended early while copying {name!r}") from None
-                os.pwrite(self._file.fileno(), data, position + done)
-                done += len(data)
-        self._file.seek(position + nbytes)
+                    raise UserError(f"{self.path}: the source file ended early while copying {name!r}")
+                done += os.pwrite(self._file.fileno(), data, position + done)
+            self._file.seek(position + nbytes)
+            self._ends_in_hole = self._ends_in_hole and not nbytes
 
     def _advance(self, name: str, dtype: torch.dtype, nbytes: int) -> None:
         """Account for the next `nbytes` of tensor `name`, starting it when the previous one is complete."""
@@ -371,25 +421,38 @@ class SafetensorsWriter:
         """Leave out the tensor whose bytes were just written in full."""
         if self._left_in_tensor or getattr(self, "_current", None) != name:
             raise RuntimeError(f"only the tensor just completed can be discarded, not {name!r}")
-        self._file.seek(self._tensor_start)
-        self._file.truncate()
+        with self._aborting_on_error():
+            self._file.seek(self._tensor_start)
+            self._file.truncate()  # sets the length exactly, holes before it included
+            self._ends_in_hole = False
         self.kept = [s for s in self.kept if s.name != name]
         self._current = None
 
     def close(self) -> None:
-        """Check that every declared byte was written, then move the file into place."""
-        if self._left_in_tensor or self._remaining:
-            self.abort()
-            raise RuntimeError(f"{self.path}: closed before all tensors were written")
-        self._file.truncate()  # the length, when the file ends in a hole
-        if len(self.kept) < self._declared:
-            self._file.seek(0)
-            self._file.write(safetensors_header(self.kept, self.metadata, size=self._header_size))
-        self._file.close()
-        os.replace(self.partial, self.path)
+        """Check that every declared byte was written and the file on disk says so, then move it into place."""
+        with self._aborting_on_error():
+            if self._left_in_tensor or self._remaining:
+                raise RuntimeError(f"{self.path}: closed before all tensors were written")
+            if self._ends_in_hole:
+                self._file.truncate()  # give the file its length: seeking past the end wrote nothing
+            if len(self.kept) < self._declared:
+                self._file.seek(0)
+                self._file.write(safetensors_header(self.kept, self.metadata, size=self._header_size))
+            self._file.close()
+            self._verify()
+            os.replace(self.partial, self.path)
+
+    def _verify(self) -> None:
+        """Read the header back from disk: the tensors, their dtypes, shapes and sizes, and the file's length."""
+        tensors, metadata = read_header(self.partial)
+        written = [(t.name, t.dtype, t.shape) for t in tensors.values()]
+        if written != [(s.name, s.dtype, tuple(s.shape)) for s in self.kept] or metadata != (self.metadata or {}):
+            raise RuntimeError(f"{self.partial}: the file on disk does not hold the tensors written")
 
     def abort(self) -> None:
-        self._file.close()
+        """Remove the partial file (a failed flush of a file being thrown away is of no interest)."""
+        with contextlib.suppress(OSError):
+            self._file.close()
         self.partial.unlink(missing_ok=True)
 
     def __enter__(self) -> SafetensorsWriter:
@@ -402,15 +465,31 @@ class SafetensorsWriter:
             self.abort()
 
 
+def _kernel_copy(source_fd: int, target_fd: int, offset: int, position: int, nbytes: int) -> int:
+    """Bytes copied by `copy_file_range` before it ran out of source or was refused (0: unsupported here)."""
+    done = 0
+    try:
+        while done < nbytes:
+            copied = os.copy_file_range(source_fd, target_fd, nbytes - done, offset + done, position + done)
+            if copied == 0:
+                break
+            done += copied
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EIO, errno.EDQUOT):
+            raise
+    return done
+
+
 def iter_row_chunks(shape: tuple[int, ...], dtype: torch.dtype, chunk_bytes: int) -> Iterator[tuple[int, int]]:
     """Row ranges `(start, stop)` covering a tensor in order, each about `chunk_bytes` (at least one row)."""
     rows = shape[0] if shape else 1
-    row_bytes = max(1, math.prod(shape[1:]) * dtype.itemsize)
+    row_bytes = math.prod(shape[1:]) * dtype.itemsize
+    if rows == 0 or row_bytes == 0:  # no bytes at all: one chunk, however many rows a header claims
+        yield 0, rows
+        return
     step = max(1, chunk_bytes // row_bytes)
     for start in range(0, rows, step):
         yield start, min(rows, start + step)
-    if rows == 0:
-        yield 0, 0
 
 
 class ShardedWriter:

@@ -316,5 +316,5 @@ def read_stats(path: Path) -> dict[str, str]:
         return {}
     try:
         return {t["name"]: t["status"] for t in json.loads(path.read_text())["tensors"]}
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (ValueError, RecursionError, KeyError, TypeError) as e:  # ValueError: invalid JSON or UTF-8
         raise UserError(f"{path}: not a task_vector_stats.json ({e})") from None

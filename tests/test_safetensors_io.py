@@ -252,6 +252,44 @@ def test_writer_mistakes_without_a_with_block(tmp_path, mistake):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("mistake", MISTAKES, ids=lambda f: f.__name__.strip("_"))
+def test_a_failed_write_or_close_removes_the_partial_file_by_itself(tmp_path, mistake):
+    """No abort() and no with block: the writer cleans up after its own failure."""
+    writer = SafetensorsWriter(tmp_path / "model.safetensors", WRITER_SPECS)
+    with pytest.raises((RuntimeError, IndexError)):
+        mistake(writer)
+        writer.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_write_the_disk_refuses_names_the_file_and_removes_it(tmp_path):
+    """A real EFBIG: the file size limit (RLIMIT_FSIZE) lowered for this process; Python ignores SIGXFSZ."""
+    import resource
+
+    path = tmp_path / "model.safetensors"
+    writer = SafetensorsWriter(path, [TensorSpec("w", torch.float32, (256, 256))])
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+    try:
+        with pytest.raises(OSError) as error:
+            writer.write("w", torch.ones(256, 256))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert error.value.filename == str(path) and "File too large" in str(error.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_the_disk_cut_short_is_caught_by_the_check_before_the_rename(tmp_path):
+    """close() reads the header back from disk: a file shorter than its header says never reaches `path`."""
+    path = tmp_path / "model.safetensors"
+    writer = SafetensorsWriter(path, [TensorSpec("w", torch.float32, (256, 256))])
+    writer.write("w", torch.ones(256, 256))  # 256 kB: past the write buffer, on disk already
+    os.truncate(writer.partial, writer.partial.stat().st_size - 4)
+    with pytest.raises(UserError, match="truncated safetensors file"):
+        writer.close()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_writer_refusing_an_unsupported_dtype_leaves_no_partial_file(tmp_path):
     with pytest.raises((KeyError, ValueError, TypeError, RuntimeError, UserError)):
         SafetensorsWriter(tmp_path / "model.safetensors", [TensorSpec("c", torch.complex64, (2,))])

@@ -1,0 +1,137 @@
+"""NaN and Inf: counted in the inputs, named in the message, refused wherever they would be written or analysed.
+
+A merge that would write a non-finite value fails (the inputs held NaN/Inf, or the sum overflowed the
+precision); compare and analyze refuse non-finite Δ or τ (no metric of them means anything); the
+extraction writes τ = finetuned − base as it is and warns with the counts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from common.adapter import Change, LoraAdapter, LoraTarget
+from common.errors import UserError
+from common.safetensors_io import CheckpointIndex, iter_row_chunks
+from common.task_vector import Extraction, TensorPair
+
+CHUNK_BYTES = 64 * 1024 * 1024
+SHOWN = 3  # tensors named in one line
+
+
+@dataclass(frozen=True)
+class NonFinite:
+    """How many NaN and ±Inf values a tensor (or several) holds; false when none."""
+
+    nan: int = 0
+    inf: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.nan or self.inf)
+
+    def __add__(self, other: NonFinite) -> NonFinite:
+        return NonFinite(self.nan + other.nan, self.inf + other.inf)
+
+    def __str__(self) -> str:
+        return f"{self.nan} NaN and {self.inf} Inf values"
+
+
+def count_non_finite(tensor: torch.Tensor) -> NonFinite:
+    if not tensor.dtype.is_floating_point or bool(torch.isfinite(tensor).all()):
+        return NonFinite()
+    return NonFinite(int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum()))
+
+
+def count_in_checkpoint(checkpoint: CheckpointIndex, name: str, rows: int | None = None) -> NonFinite:
+    """NaN and Inf in a stored tensor (its first `rows` rows), read in row chunks."""
+    info = checkpoint.info(name)
+    shape = info.shape if rows is None else (rows, *info.shape[1:])
+    total = NonFinite()
+    for start, stop in iter_row_chunks(shape, info.dtype, CHUNK_BYTES):
+        total += count_non_finite(checkpoint.read_rows(name, start, stop))
+    return total
+
+
+def require_finite(tensor: torch.Tensor, what: str) -> None:
+    """Refuse a tensor holding NaN or Inf: `<what> holds 2 NaN and 0 Inf values`."""
+    counts = count_non_finite(tensor)
+    if counts:
+        raise UserError(f"{what} holds {counts}")
+
+
+def change_keys(change: Change) -> list[str]:
+    """The adapter tensors a change is computed from."""
+    if isinstance(change, LoraTarget):
+        return [k for k in (change.key_a, change.key_b, change.magnitude_key) if k is not None]
+    return [change.key]
+
+
+def non_finite_inputs(
+    source: str, changes: list[Change], adapter: LoraAdapter, base: CheckpointIndex | None
+) -> list[str]:
+    """Which inputs of one changed tensor hold NaN or Inf, with the counts (empty: they are all finite)."""
+    found = []
+    if base is not None and (counts := count_in_checkpoint(base, source)):
+        found.append(f"the base tensor holds {counts}")
+    for change in changes:
+        for key in change_keys(change):
+            if counts := count_non_finite(adapter.read(key)):
+                found.append(f"the adapter's {key} holds {counts}")
+    return found
+
+
+def non_finite_merge(
+    names: list[str],
+    precision: str,
+    sources: dict[str, str],
+    changes: dict[str, list[Change]],
+    adapter: LoraAdapter,
+    base: CheckpointIndex,
+) -> UserError:
+    """The error for a merge that would write NaN or Inf: per tensor, the inputs that hold them, or overflow."""
+    described = []
+    for name in names[:SHOWN]:
+        found = non_finite_inputs(sources[name], changes.get(name, []), adapter, base)
+        advice = ": merge at fp32 or bf16" if precision == "fp16" else ""
+        why = "; ".join(found) if found else f"overflow at {precision}{advice}"
+        described.append(f"{name} ({why})")
+    more = " ..." if len(names) > SHOWN else ""
+    return UserError(
+        f"the merge at {precision} gives non-finite values in {len(names)} tensors: {', '.join(described)}{more}; "
+        "nothing was written"
+    )
+
+
+def require_finite_delta(
+    delta: torch.Tensor,
+    name: str,
+    source: str,
+    changes: list[Change],
+    adapter: LoraAdapter,
+    base: CheckpointIndex | None,
+) -> None:
+    """Refuse a LoRA delta holding NaN or Inf, naming the inputs they come from."""
+    counts = count_non_finite(delta)
+    if counts:
+        found = non_finite_inputs(source, changes, adapter, base) or ["overflow in float64"]
+        raise UserError(f"adapter {adapter.folder}: the LoRA delta of {name} holds {counts} ({'; '.join(found)})")
+
+
+def non_finite_task_vector_warnings(
+    base: CheckpointIndex, finetuned: CheckpointIndex, pairs: list[TensorPair], extraction: Extraction
+) -> list[str]:
+    """A line per tensor whose τ is not finite (its norm says so), with the NaN and Inf each model holds there."""
+    norms = {t.name: t.norm for t in extraction.tensors}
+    lines = []
+    for pair in pairs:
+        if math.isfinite(norms.get(pair.name, 0.0)):
+            continue
+        counts = {
+            "base": count_in_checkpoint(base, pair.base_name, pair.rows),
+            "finetuned": count_in_checkpoint(finetuned, pair.finetuned_name, pair.rows),
+        }
+        held = ", ".join(f"the {model} model holds {c}" for model, c in counts.items() if c) or "overflow"
+        lines.append(f"warning: τ of {pair.name} is not finite: {held}")
+    return lines
