@@ -14,10 +14,9 @@ import torch
 
 from common.adapter import Change, LoraAdapter, LoraTarget
 from common.errors import UserError
-from common.safetensors_io import CheckpointIndex, iter_row_chunks
+from common.safetensors_io import CHUNK_BYTES, CheckpointIndex, iter_row_chunks
 from common.task_vector import Extraction, TensorPair
 
-CHUNK_BYTES = 64 * 1024 * 1024
 SHOWN = 3  # tensors named in one line
 
 

@@ -36,10 +36,9 @@ from common.finite import non_finite_merge
 from common.lora import apply_changes
 from common.model_layout import HEAD, tied_embedding
 from common.precision import all_finite, short_name
-from common.safetensors_io import CheckpointIndex, Scratch, ShardedWriter, TensorSpec, iter_row_chunks
+from common.safetensors_io import CHUNK_BYTES, CheckpointIndex, Scratch, ShardedWriter, TensorSpec, iter_row_chunks
 
 log = logging.getLogger("lora_tv")
-CHUNK_BYTES = 64 * 1024 * 1024
 MAX_SHARD_BYTES = 5 * 1024**3
 TOKENIZER_FILES = (
     "tokenizer.json",

@@ -21,9 +21,8 @@ import torch
 from common.errors import UserError
 from common.model_layout import HEAD, tied_embedding
 from common.precision import short_name
-from common.safetensors_io import CheckpointIndex, Scratch, ShardedWriter, TensorSpec, iter_row_chunks
+from common.safetensors_io import CHUNK_BYTES, CheckpointIndex, Scratch, ShardedWriter, TensorSpec, iter_row_chunks
 
-CHUNK_BYTES = 64 * 1024 * 1024
 STATS_FILE = "task_vector_stats.json"
 STATUSES = ("changed", "rounding_artifact", "unchanged")
 
