@@ -299,6 +299,20 @@ def _adapter_folder(folder: Path) -> Path:
     raise UserError(f"adapter {folder}: no {CONFIG_FILE} (not a peft adapter folder)")
 
 
+# LoRA variants whose merge is not W + s·B@A (or that peft itself cannot merge): refused by name, never merged
+# as plain LoRA. (VeLoRA changes only the backward pass; EVA, CorDA, LoRA-GA and LoftQ only the initialisation.)
+UNSUPPORTED_VARIANTS = (
+    "target_parameters",
+    "alora_invocation_tokens",
+    "use_qalora",
+    "monteclora_config",
+    "use_bdlora",
+    "arrow_config",
+    "kasa_config",
+    "megatron_config",
+)
+
+
 def _read_config(path: Path) -> dict:
     config = read_json_object(path)
     peft_type = config.get("peft_type", "LORA")
@@ -306,6 +320,9 @@ def _read_config(path: Path) -> dict:
         raise UserError(f"{path}: peft_type {_shorten(str(peft_type))} is not supported (only LORA)")
     if config.get("layer_replication"):
         raise UserError(f"{path}: layer_replication cannot be merged (peft refuses it too)")
+    variants = [key for key in UNSUPPORTED_VARIANTS if config.get(key)]
+    if variants:
+        raise UserError(f"{path}: {', '.join(variants)} is set: a LoRA variant this toolkit does not support")
     _check_config_types(path, config)
     return config
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from common.errors import UserError
@@ -54,3 +56,8 @@ def all_finite(tensor: torch.Tensor) -> bool:
         return True
     low, high = torch.aminmax(tensor)
     return bool(torch.isfinite(low) and torch.isfinite(high))
+
+
+def json_number(value: object) -> object:
+    """JSON has no NaN or ±inf: a non-finite float becomes null (strict parsers such as jq reject `NaN`)."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from dataclasses import asdict
 from pathlib import Path
 
 from common.compare import Comparison, Verdict
 from common.metrics import PERFECT_COSINE
-from common.precision import short_name
+from common.precision import json_number, short_name
 
 REPORT_FIELDS = ["name", "status", "cosine", "max_abs_diff", "rel_error", "norm_lora", "norm_task_vector"]
 EXTRA_FIELDS = ["scale", "max_diff_ulps", "within_rounding", "reproduces_merge"]
@@ -40,16 +39,11 @@ def comparison_summary(comparison: Comparison, verdict: Verdict) -> dict:
 
 def tensor_rows(comparison: Comparison) -> list[dict]:
     """One row per tensor: shared ones with metrics, the others with their status only."""
-    rows = [{k: _finite(v) for k, v in asdict(c).items()} for c in comparison.shared]
+    rows = [{k: json_number(v) for k, v in asdict(c).items()} for c in comparison.shared]
     empty = dict.fromkeys(REPORT_FIELDS[2:] + EXTRA_FIELDS)
     rows += [{**empty, "name": n, "status": "lora_only"} for n in comparison.lora_only]
     rows += [{**empty, "name": n, "status": s} for n, s in comparison.task_vector_only.items()]
     return [{k: row[k] for k in REPORT_FIELDS + EXTRA_FIELDS} for row in rows]
-
-
-def _finite(value: object) -> object:
-    """JSON has no inf/nan: they become null."""
-    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def write_comparison_reports(summary: dict, rows: list[dict], out_dir: Path) -> None:

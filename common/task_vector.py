@@ -20,7 +20,7 @@ import torch
 
 from common.errors import UserError
 from common.model_layout import HEAD, tied_embedding
-from common.precision import short_name
+from common.precision import json_number, short_name
 from common.safetensors_io import CHUNK_BYTES, CheckpointIndex, Scratch, ShardedWriter, TensorSpec, iter_row_chunks
 
 STATS_FILE = "task_vector_stats.json"
@@ -293,7 +293,7 @@ def write_stats(extraction: Extraction, path: Path, sources: dict[str, str]) -> 
             "base_dtype": extraction.base_dtype,
             "finetuned_dtype": extraction.finetuned_dtype,
         },
-        "tensors": [asdict(t) for t in extraction.tensors],
+        "tensors": [{k: json_number(v) for k, v in asdict(t).items()} for t in extraction.tensors],
         "only_in_base": extraction.only_in_base,
         "only_in_finetuned": extraction.only_in_finetuned,
         "shape_mismatch": extraction.shape_mismatch,

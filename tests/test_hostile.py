@@ -297,6 +297,20 @@ CASES = [
         lambda i: ("adapter_config.json", "peft_type IA3 is not supported"),
     ),
     Case(
+        "unsupported-lora-variant",
+        MERGE,
+        lambda i: merge(i, adapter=edit_json(i.adapter_copy() / "adapter_config.json", use_qalora=True).parent),
+        lambda i: ("adapter_config.json", "use_qalora is set: a LoRA variant this toolkit does not support"),
+    ),
+    Case(
+        "unsupported-lora-variant",
+        COMPARE,
+        lambda i: compare(
+            i, adapter=edit_json(i.adapter_copy() / "adapter_config.json", target_parameters=["mlp.w"]).parent
+        ),
+        lambda i: ("adapter_config.json", "target_parameters is set: a LoRA variant this toolkit does not support"),
+    ),
+    Case(
         "unsupported-peft-type",
         ANALYZE,
         lambda i: analyze(i, lora_path=edit_json(i.adapter_copy() / "adapter_config.json", peft_type="LOHA").parent),
@@ -586,6 +600,8 @@ def test_hostile_input_is_one_line_and_leaves_everything_as_it_was(outcomes, cas
         assert result.returncode == 0 and not result.stderr and inputs.out.is_dir(), result.stderr
         for fragment in fragments:
             assert fragment in result.stdout, result.stdout
+        for report in inputs.out.glob("*.json"):  # strict JSON, as jq reads it: no NaN or Infinity
+            json.loads(report.read_text(), parse_constant=lambda name, file=report.name: pytest.fail(f"{file}: {name}"))
     else:
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1, result.stderr
