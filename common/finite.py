@@ -14,6 +14,7 @@ import torch
 
 from common.adapter import Change, LoraAdapter, LoraTarget
 from common.errors import UserError
+from common.precision import all_finite
 from common.safetensors_io import CHUNK_BYTES, CheckpointIndex, iter_row_chunks
 from common.task_vector import Extraction, TensorPair
 
@@ -38,7 +39,7 @@ class NonFinite:
 
 
 def count_non_finite(tensor: torch.Tensor) -> NonFinite:
-    if not tensor.dtype.is_floating_point or bool(torch.isfinite(tensor).all()):
+    if all_finite(tensor):  # one pass without temporaries, the common case
         return NonFinite()
     return NonFinite(int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum()))
 
