@@ -2,8 +2,9 @@
 
 It reproduces what `PeftModel.merge_and_unload()` computes on the same device: each base tensor is
 first cast to the output precision (as `from_pretrained(dtype=...)` does), then the adapter's changes
-are applied in peft's arithmetic (common/lora.py). Tensors the adapter does not touch are cast and
-copied in row chunks, so memory holds at most one changed tensor or one chunk.
+are applied in peft's arithmetic (common/lora.py). Tensors the adapter does not touch are copied by the
+kernel when their dtype stays (else cast in row chunks) and scanned for NaN/Inf in row chunks, so memory
+holds at most one changed tensor or one chunk.
 
 Tied embeddings: when the output head shares the input embedding's weight and the adapter changes
 one but not the other (LoRA on `embed_tokens`, `modules_to_save=["lm_head"]` …), the unmerged model
