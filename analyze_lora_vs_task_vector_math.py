@@ -19,7 +19,16 @@ from pathlib import Path
 
 from common.adapter import LoraAdapter
 from common.analysis import analysis_report, analyze_files, deltas_from_adapter, deltas_from_file
-from common.cli import add_overwrite, base_parser, log, resolve_device, run, setup_logging, tensor_progress
+from common.cli import (
+    add_overwrite,
+    add_residual_base,
+    base_parser,
+    log,
+    resolve_device,
+    run,
+    setup_logging,
+    tensor_progress,
+)
 from common.compare import plan_deltas
 from common.export import FOLDER, ExportRequest, LoraExporter, energy_fraction, export_rank, recorded_base_config
 from common.model_layout import read_config
@@ -52,13 +61,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FRACTION",
         help="the same, per tensor the smallest rank keeping FRACTION of ‖τ‖²_F",
     )
+    add_residual_base(parser)
     add_overwrite(parser)
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
 
     device = resolve_device(args.device)
-    adapter = LoraAdapter(resolve_adapter(args.lora_path)) if args.lora_path else None
     base_dir = resolve_model(args.base_model, "base model") if args.base_model else None
+    adapter = LoraAdapter(resolve_adapter(args.lora_path), base_dir, args.residual_base) if args.lora_path else None
     inputs = [adapter.folder if adapter else args.lora_file, args.task_vector_file] + ([base_dir] if base_dir else [])
     check_output_dir(args.output_dir, inputs, args.overwrite)
     with contextlib.ExitStack() as stack:

@@ -16,7 +16,16 @@ import json
 from pathlib import Path
 
 from common.adapter import LoraAdapter
-from common.cli import add_overwrite, base_parser, log, resolve_device, run, setup_logging, tensor_progress
+from common.cli import (
+    add_overwrite,
+    add_residual_base,
+    base_parser,
+    log,
+    resolve_device,
+    run,
+    setup_logging,
+    tensor_progress,
+)
 from common.compare import compare_adapter, plan_deltas, verdict
 from common.model_layout import read_config
 from common.outputs import check_output_dir, staged_output_dir
@@ -35,13 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir", type=Path, default=Path("comparison_results"), help="results folder")
     parser.add_argument("--tolerance", type=float, default=1e-5, help="max |τ − Δ| allowed per element")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    add_residual_base(parser)
     add_overwrite(parser)
     args = parser.parse_args(argv)
     setup_logging(args.verbose, to_stderr=args.json)
 
     device = resolve_device(args.device)
-    adapter = LoraAdapter(resolve_adapter(args.lora_path))
     base_dir = resolve_model(args.base_model, "base model") if args.base_model else None
+    adapter = LoraAdapter(resolve_adapter(args.lora_path), base_dir, args.residual_base)
     inputs = [adapter.folder, args.task_vector_path] + ([base_dir] if base_dir else [])
     check_output_dir(args.output_dir, inputs, args.overwrite)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from common.adapter import LoraAdapter
 from common.cli import (
     add_overwrite,
+    add_residual_base,
     base_parser,
     log,
     peak_memory_gb,
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=["stream", "peft"],
         help="stream: tensor by tensor (default); peft: transformers + merge_and_unload (whole model in memory)",
     )
+    add_residual_base(parser)
     add_overwrite(parser)
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     base_dir = resolve_model(args.base_model, "base model")
     config = read_config(base_dir)
     check_base_supported(config, base_dir)
-    adapter = LoraAdapter(resolve_adapter(args.lora_path))
+    adapter = LoraAdapter(resolve_adapter(args.lora_path), base_dir, args.residual_base)
     check_output_dir(args.output_dir, [base_dir, adapter.folder], args.overwrite)
 
     with CheckpointIndex(base_dir) as base, staged_output_dir(args.output_dir) as staging:
@@ -65,12 +67,17 @@ def main(argv: list[str] | None = None) -> int:
             total = sum(info.nbytes for info in base.tensors.values())
             with tensor_progress(total, "merge", args.verbose, unit="B") as step:
                 summary = merge_checkpoint(base, adapter, staging, precision, device, config, on_tensor=step)
-            write_model_files(config, base_dir, adapter.folder, staging, precision, summary.untied)
+            write_model_files(config, base_dir, adapter.folder, staging, precision, summary.untied, summary.vocabulary)
             what = f"{len(summary.changed)} of {summary.tensors} tensors changed"
             if summary.untied:
                 log.info(
                     "note: the adapter changes the output head and the input embedding differently, which the "
                     "unmerged model keeps apart: lm_head.weight is written untied (tie_word_embeddings: false)"
+                )
+            if summary.vocabulary:
+                log.info(
+                    "note: the adapter's trained embedding and head copies resize the vocabulary from "
+                    f"{summary.vocabulary[0]} to {summary.vocabulary[1]} rows (config.json's vocab_size follows)"
                 )
 
     log.info(

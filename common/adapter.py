@@ -10,11 +10,17 @@ Every tensor of `adapter_model.safetensors` becomes one *change* to one base ten
 | `M.lora_magnitude_vector`                    | DoRA magnitude of that `LoraTarget`               |
 | `M.lora_B.bias`                              | `BiasUpdate`: b += scaling · lora_B.bias           |
 | `M.token_adapter.trainable_tokens_delta`     | `TokenRows`: rows `trainable_token_indices` replaced |
+| `M(.base_layer)*.lora_A/B.weight` of a `target_parameters` parameter P | `ParameterTarget`: P += s·B@A per expert |
+| `M.original_module.weight` (beside a resized vocabulary's copies) | nothing: the frozen original, not merged |
 | anything else (`M.base_layer.bias`, `modules_to_save` copies, a saved embedding) | `Replacement`: new values |
+
+`init_lora_weights` that rewrite the base weight when peft loads the adapter (PiSSA, OLoRA: W − s·B₀A₀) are
+redone exactly (`LoraTarget.init`); the ones peft cannot redo deterministically are refused (`base_rewriting_init`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -54,6 +60,42 @@ class LoraTarget:
     shape: tuple[int, ...]  # shape of the base weight (out × in; in × out with fan_in_fan_out; vocab × dim)
     embedding: bool = False
     magnitude_key: str | None = None  # DoRA
+    init: str | None = None  # "pissa" / "olora": peft first rewrites W as W − s·B₀A₀ (common/lora.py)
+
+
+@dataclass(frozen=True)
+class ParameterTarget:
+    """`target_parameters` (peft's ParamWrapper): a LoRA on a model parameter, often a stack of experts.
+
+    The factors hold every expert: A is (experts·r) × in, B is out × (experts·r). Δ is `scaling · B_e @ A_e` per
+    expert e, cast to the parameter's dtype before it is added (unlike a Linear layer's single rounding).
+    """
+
+    base_name: str  # the model parameter, e.g. model.layers.0.mlp.experts.gate_up_proj
+    key_a: str
+    key_b: str
+    rank: int  # per expert
+    alpha: float
+    scaling: float
+    shape: tuple[int, ...]  # (experts, out, in), (experts, in, out) when `transposed`, or (out, in)
+    transposed: bool
+
+    @property
+    def experts(self) -> int:
+        return self.shape[0] if len(self.shape) == 3 else 1
+
+
+@dataclass(frozen=True)
+class ParameterPiece:
+    """One checkpoint tensor holding part of a `ParameterTarget`'s parameter (one expert's w1, say), or all of it."""
+
+    base_name: str
+    target: ParameterTarget
+    split: bool  # the parameter is saved as several tensors (transformers' conversion); else under its own name
+
+    @property
+    def rank(self) -> int:
+        return self.target.rank
 
 
 @dataclass(frozen=True)
@@ -83,14 +125,26 @@ class TokenRows:
     indices: tuple[int, ...]
 
 
-Change = LoraTarget | BiasUpdate | Replacement | TokenRows
-ORDER = {Replacement: 0, LoraTarget: 1, BiasUpdate: 2, TokenRows: 3}  # the order peft applies them in
+Change = LoraTarget | BiasUpdate | Replacement | TokenRows | ParameterTarget | ParameterPiece
+# the order peft applies them in
+ORDER = {Replacement: 0, LoraTarget: 1, ParameterTarget: 1, ParameterPiece: 1, BiasUpdate: 2, TokenRows: 3}
 KIND_NAMES = {
     Replacement: "trained copies (modules_to_save, biases)",
     LoraTarget: "LoRA updates",
     BiasUpdate: "LoRA biases",
     TokenRows: "trainable tokens",
+    ParameterTarget: "target_parameters LoRA updates",
+    ParameterPiece: "target_parameters LoRA updates",
 }
+# init_lora_weights values that leave the base weights as they are (the factors are overwritten by the saved ones).
+PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
+# Base-rewriting inits peft redoes deterministically when it loads the adapter on the original base.
+REDONE_INITS = ("pissa", "olora")
+WAYS_OUT = (
+    "either save the adapter converted to a plain LoRA (peft's save_pretrained(..., "
+    "path_initial_model_for_weight_conversion=...)), or pass the residual base model saved with it as --base_model "
+    "together with --residual_base"
+)
 
 
 def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
@@ -107,26 +161,49 @@ def pattern_value(patterns: dict | None, module: str, default: float) -> float:
 
 
 class LoraAdapter:
-    """A peft LoRA adapter folder (or Trainer `checkpoint-N/` folder): config plus lazily read tensors."""
+    """A peft LoRA adapter folder (or Trainer `checkpoint-N/` folder): config plus lazily read tensors.
 
-    def __init__(self, folder: Path):
+    `base_dir` is the base model's folder: adapters with `target_parameters` need its model class to know which
+    parameter each LoRA belongs to. With `residual_base`, the base given is the residual model a base-rewriting
+    init (PiSSA, CorDA, …) saved, so the adapter is merged into it as a plain LoRA.
+    """
+
+    def __init__(self, folder: Path, base_dir: Path | None = None, residual_base: bool = False):
         self.folder = _adapter_folder(Path(folder))
         self.config = _read_config(self.folder / CONFIG_FILE)
+        self.init = None if residual_base else base_rewriting_init(self.folder / CONFIG_FILE, self.config)
         self.weights = _AdapterWeights(self.folder)
+        self.structure = self._model_structure(base_dir)
+        self.piece_cache: dict = {}  # the pieces of the last parameter's Δ (common/lora.py: piece_delta)
         self.changes = self._find_changes()
         self.targets = {c.base_name: c for cs in self.changes.values() for c in cs if isinstance(c, LoraTarget)}
 
+    def _model_structure(self, base_dir: Path | None):
+        if not self.config.get("target_parameters"):
+            return None
+        if self.init is not None:
+            raise UserError(f"{self.folder}: init_lora_weights {self.init!r} with target_parameters is not supported")
+        if base_dir is None:
+            raise UserError(
+                f"adapter {self.folder} uses target_parameters: which model parameter each LoRA belongs to, and how "
+                "the checkpoint stores it, comes from the base model: pass --base_model"
+            )
+        from common.model_structure import ModelStructure
+
+        return ModelStructure(base_dir)
+
     def _find_changes(self) -> dict[str, list[Change]]:
         parts: dict[str, dict[str, str]] = {}
-        changes: list[Change] = []
+        replacements: dict[str, Replacement] = {}
         for key in self.weights.names():
             name = key.removeprefix(PREFIX)
             match = KEY.match(name)
-            if match is None:
-                changes.append(self._replacement(key, name))
-                continue
-            kind = match["kind"] + (".bias" if (match["rest"] or "").endswith("bias") else "")
-            parts.setdefault(match["module"], {})[kind] = key
+            if match is not None:
+                kind = match["kind"] + (".bias" if (match["rest"] or "").endswith("bias") else "")
+                parts.setdefault(match["module"], {})[kind] = key
+            elif ".original_module." not in name:  # the frozen original of a modules_to_save copy: not merged
+                _add_replacement(replacements, key, name)
+        changes: list[Change] = list(replacements.values())
         for module, keys in sorted(parts.items()):
             changes += self._module_changes(module, keys)
         if not changes:
@@ -136,12 +213,11 @@ class LoraAdapter:
             by_tensor.setdefault(change.base_name, []).append(change)
         return by_tensor
 
-    def _replacement(self, key: str, name: str) -> Replacement:
-        shared = ".base_layer." in name
-        name = re.sub(r"\.modules_to_save\.[\w-]+\.", ".", name).replace(".base_layer.", ".")
-        return Replacement(base_name=name, key=key, shared=shared)
-
     def _module_changes(self, module: str, keys: dict[str, str]) -> list[Change]:
+        if self.structure is not None:
+            parameter = self._wrapped_parameter(module)
+            if parameter is not None:
+                return [self._parameter_target(module, parameter, keys)]
         token_rows: list[Change] = []
         if "token_adapter.trainable_tokens_delta" in keys:
             key = keys.pop("token_adapter.trainable_tokens_delta")
@@ -162,10 +238,15 @@ class LoraAdapter:
 
     def _target(self, module: str, key_a: str, key_b: str, embedding: bool, magnitude: str | None) -> LoraTarget:
         shape_a, shape_b = self.weights.shape(key_a), self.weights.shape(key_b)
-        if len(shape_a) != 2 or len(shape_b) != 2 or shape_a[0] != shape_b[1]:
+        if len(shape_a) != 2 or len(shape_b) != 2:
             raise UserError(
                 f"{self.folder}: {module} has factors of shapes {list(shape_a)} and {list(shape_b)} "
-                "(only linear and embedding LoRA layers are supported)"
+                "(a convolution LoRA: only linear and embedding LoRA layers are supported)"
+            )
+        if shape_a[0] != shape_b[1]:
+            raise UserError(
+                f"{self.folder}: {module} has a rank-{shape_a[0]} A {list(shape_a)} but a rank-{shape_b[1]} B "
+                f"{list(shape_b)} (a damaged or hand-edited adapter)"
             )
         self._check_dtypes(key_a, key_b, *([magnitude] if magnitude else []))
         if magnitude and self.weights.shape(magnitude) != (shape_b[0],):
@@ -182,6 +263,11 @@ class LoraAdapter:
         out_in = (shape_b[0], shape_a[1])
         if embedding and magnitude:
             raise UserError(f"{self.folder}: DoRA on the embedding {module} is not supported yet")
+        if self.init == "olora" and fan_in_fan_out and out_in[0] != out_in[1]:
+            raise UserError(
+                f"{self.folder}: OLoRA on the Conv1D layer {module} ({out_in[1]} × {out_in[0]}): peft's OLoRA "
+                "ignores fan_in_fan_out, so its initial factors do not fit the layer and peft cannot merge it either"
+            )
         return LoraTarget(
             module=module,
             base_name=f"{module}.weight",
@@ -194,7 +280,55 @@ class LoraAdapter:
             shape=out_in[::-1] if fan_in_fan_out or embedding else out_in,
             embedding=embedding,
             magnitude_key=magnitude,
+            init=None if embedding else self.init,  # peft runs PiSSA / OLoRA on Linear and Conv1D layers only
         )
+
+    def _wrapped_parameter(self, module: str) -> str | None:
+        """The parameter a ParamWrapper at `module` (`…experts.base_layer` for the second one nested) adapts; None
+        for a LoRA layer. peft wraps a module's targeted parameters in their registration order, the first
+        innermost, so the outermost wrapper (saved without `base_layer`) holds the last one."""
+        depth = module.count(".base_layer")
+        unwrapped = module.replace(".base_layer", "")
+        parameters = self.structure.targeted_parameters(unwrapped, list(self.config["target_parameters"]))
+        if not parameters:
+            return None
+        if depth >= len(parameters):
+            raise UserError(
+                f"{self.folder}: {module} nests {depth + 1} LoRA wrappers but the model has only "
+                f"{len(parameters)} targeted parameters there ({', '.join(parameters)})"
+            )
+        return parameters[len(parameters) - 1 - depth]
+
+    def _parameter_target(self, module: str, parameter: str, keys: dict[str, str]) -> ParameterTarget:
+        """peft's ParamWrapper: A is (experts·r) × in, B is out × (experts·r), in and out as peft reads the shape."""
+        if set(keys) != {"lora_A", "lora_B"}:
+            raise UserError(
+                f"{self.folder}: {module} (target_parameters) holds {', '.join(sorted(keys))}, not lora_A "
+                "and lora_B only"
+            )
+        shape = self.structure.shape(parameter)
+        transposed = self.structure.is_transposed(parameter)
+        experts = shape[0] if len(shape) == 3 else 1
+        if len(shape) == 3:
+            fan_in, fan_out = (shape[1], shape[2]) if transposed else (shape[2], shape[1])
+        elif len(shape) == 2:
+            fan_in, fan_out = shape[1], shape[0]
+        else:
+            raise UserError(f"{self.folder}: {parameter} has {len(shape)} dimensions (peft adapts 2-D and 3-D ones)")
+        self._check_dtypes(keys["lora_A"], keys["lora_B"])
+        shape_a, shape_b = self.weights.shape(keys["lora_A"]), self.weights.shape(keys["lora_B"])
+        rank = shape_a[0] // experts if len(shape_a) == 2 else 0
+        if shape_a != (rank * experts, fan_in) or shape_b != (fan_out, rank * experts) or rank == 0:
+            raise UserError(
+                f"{self.folder}: {parameter} {list(shape)} does not take factors of shapes {list(shape_a)} and "
+                f"{list(shape_b)} (built for another model?)"
+            )
+        config_rank = pattern_value(self.config.get("rank_pattern"), parameter, self.config.get("r", 8))
+        if config_rank != rank:
+            raise UserError(f"{self.folder}: {parameter} has rank {rank} but adapter_config.json says {config_rank}")
+        alpha = pattern_value(self.config.get("alpha_pattern"), parameter, self.config.get("lora_alpha", 8))
+        scaling = lora_scaling(alpha, rank, bool(self.config.get("use_rslora", False)))
+        return ParameterTarget(parameter, keys["lora_A"], keys["lora_B"], rank, alpha, scaling, shape, transposed)
 
     def _check_dtypes(self, *keys: str) -> None:
         """Factors, magnitudes, bias updates and token rows are what peft trains: floating point tensors."""
@@ -215,16 +349,62 @@ class LoraAdapter:
     def read(self, key: str) -> torch.Tensor:
         return self.weights.read(key)
 
-    def factors(self, target: LoraTarget) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self, target: LoraTarget | ParameterTarget) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored factors (A: r × in, B: out × r)."""
         return self.weights.read(target.key_a), self.weights.read(target.key_b)
 
     def expected_shape(self, change: Change) -> tuple[int, ...]:
         """The base tensor shape a low-rank update, bias update or replacement needs."""
-        return change.shape if isinstance(change, LoraTarget) else self.weights.shape(change.key)
+        if isinstance(change, LoraTarget | ParameterTarget):
+            return change.shape
+        return self.weights.shape(change.key)
 
     def close(self) -> None:
         self.weights.close()
+
+
+def _add_replacement(replacements: dict[str, Replacement], key: str, name: str) -> None:
+    """A saved copy or bias: new values for the base tensor it is named after.
+
+    peft saves a modules_to_save copy as `M.weight`; when the vocabulary was resized it also saves
+    `M.modules_to_save.weight` (the same values) and `M.original_module.weight` beside it. peft loads the first
+    form, so it wins when both are there.
+    """
+    shared = ".base_layer." in name
+    plain = ".modules_to_save." not in name
+    base_name = re.sub(r"\.modules_to_save\.(?:[\w-]+\.)?(?=[^.]+$)|\.modules_to_save\.[\w-]+\.", ".", name)
+    base_name = base_name.replace(".base_layer.", ".")
+    if plain or base_name not in replacements:
+        replacements[base_name] = Replacement(base_name=base_name, key=key, shared=shared)
+
+
+def base_rewriting_init(path: Path, config: dict) -> str | None:
+    """The base-rewriting initialisation this adapter needs redone ("pissa" or "olora"), None for a plain LoRA.
+
+    When `init_lora_weights` is PiSSA, OLoRA, CorDA, LoftQ or LoRA-GA, training started from a rewritten base
+    W − s·B₀A₀, not from W. An adapter saved without conversion belongs to that base. peft's from_pretrained redoes
+    PiSSA (exact SVD) and OLoRA (QR) on the original base; the others it cannot redo (a randomised SVD, the
+    quantisation, data statistics or gradients they came from), so they are refused with the ways out.
+    """
+    init = config.get("init_lora_weights", True)
+    if init in PLAIN_INITS:
+        return None
+    name = str(init).lower() if isinstance(init, str) else init
+    if name in REDONE_INITS:
+        return name
+    why = {
+        "pissa_niter": "a randomised SVD that peft cannot repeat exactly",
+        "corda": "it came from activation statistics of training data",
+        "loftq": "it came from quantising the base weights",
+        "lora_ga": "it came from gradients of training data, which peft does not redo on load",
+    }
+    reason = next((text for prefix, text in why.items() if str(name).startswith(prefix)), None)
+    if reason is None:
+        reason = "an initialisation this toolkit does not know, which may rewrite the base weights"
+    raise UserError(
+        f"{path}: init_lora_weights {_shorten(json.dumps(init))}: the adapter belongs to a rewritten base "
+        f"({reason}); {WAYS_OUT}"
+    )
 
 
 def names_in_checkpoint(changes: dict[str, list[Change]], names: set[str]) -> dict[str, list[Change]]:
@@ -239,49 +419,6 @@ def names_in_checkpoint(changes: dict[str, list[Change]], names: set[str]) -> di
         short = name.split(".", 1)[-1]
         renamed[short if name not in names and short in names else name] = name_changes
     return renamed
-
-
-def check_targets_match(
-    adapter: LoraAdapter,
-    shapes: dict[str, tuple[int, ...]],
-    what: str,
-    changes: dict[str, list[Change]] | None = None,
-) -> None:
-    """Every changed tensor must exist in `what` under the same name and shape."""
-    changes = adapter.changes if changes is None else changes
-    missing = [name for name in changes if name not in shapes]
-    wrong = []
-    for name, name_changes in changes.items():
-        for change in name_changes:
-            if name in shapes and not _fits(adapter, change, tuple(shapes[name])):
-                wrong.append(f"{name} {list(shapes[name])} vs {_needed(adapter, change)}")
-    if missing:
-        raise UserError(
-            f"adapter {adapter.folder} changes {len(missing)} tensors not in {what} "
-            f"(built for another model?): {', '.join(missing[:3])}"
-        )
-    if wrong:
-        raise UserError(
-            f"adapter {adapter.folder} does not fit {what} ({len(wrong)} mismatches): {'; '.join(wrong[:3])}"
-        )
-
-
-def _fits(adapter: LoraAdapter, change: Change, shape: tuple[int, ...]) -> bool:
-    if isinstance(change, TokenRows):
-        rows = adapter.weights.shape(change.key)
-        return (
-            len(shape) == len(rows) == 2
-            and shape[1] == rows[1]
-            and rows[0] == len(change.indices)
-            and max(change.indices) < shape[0]
-        )
-    return shape == adapter.expected_shape(change)
-
-
-def _needed(adapter: LoraAdapter, change: Change) -> str:
-    if isinstance(change, TokenRows):
-        return f"rows {list(change.indices)} as {list(adapter.weights.shape(change.key))}"
-    return str(list(adapter.expected_shape(change)))
 
 
 def _adapter_folder(folder: Path) -> Path:
@@ -300,9 +437,9 @@ def _adapter_folder(folder: Path) -> Path:
 
 
 # LoRA variants whose merge is not W + s·B@A (or that peft itself cannot merge): refused by name, never merged
-# as plain LoRA. (VeLoRA changes only the backward pass; EVA, CorDA, LoRA-GA and LoftQ only the initialisation.)
+# as plain LoRA. (VeLoRA changes only the backward pass; EVA, CorDA, LoRA-GA and LoftQ only the initialisation:
+# see base_rewriting_init.)
 UNSUPPORTED_VARIANTS = (
-    "target_parameters",
     "alora_invocation_tokens",
     "use_qalora",
     "monteclora_config",
@@ -342,6 +479,10 @@ def _optional_boolean(value: object) -> bool:
     return value is None or type(value) is bool
 
 
+def _optional_names(value: object) -> bool:
+    return value is None or (isinstance(value, list) and all(isinstance(v, str) and v for v in value))
+
+
 def _patterns_of(valid: Callable[[object], bool]) -> Callable[[object], bool]:
     """A rank_pattern / alpha_pattern: null, or module-path regexes (as peft matches them) to valid values."""
 
@@ -368,6 +509,7 @@ CONFIG_FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
     "fan_in_fan_out": (_optional_boolean, "true or false"),
     "rank_pattern": (_patterns_of(_positive_int), "an object of module-path regexes to positive integers"),
     "alpha_pattern": (_patterns_of(_number), "an object of module-path regexes to numbers"),
+    "target_parameters": (_optional_names, "a list of parameter names"),
 }
 
 

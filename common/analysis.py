@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from common.adapter import LoraAdapter, LoraTarget
-from common.compare import DeltaPlan, exact_delta
+from common.compare import DeltaPlan, exact_delta, rounded_at_dtype
 from common.errors import UserError
 from common.export import LoraExport, export_findings, export_report
 from common.finite import require_finite
@@ -43,6 +43,7 @@ class LoraDelta:
     base_weight: torch.Tensor | None = None
     spectrum: tuple[torch.Tensor, torch.Tensor] | None = None
     product_magnitude: torch.Tensor | None = None  # |s|·(|B| @ |A|): bounds B @ A's fp32 rounding
+    rounded_at_dtype: torch.Tensor | None = None  # an intermediate the merge rounds (see metrics.rounding_bound)
 
 
 def deltas_from_file(
@@ -65,12 +66,14 @@ def deltas_from_adapter(
         changes = plan.changes[spec.name]
         target = changes[0] if len(changes) == 1 and isinstance(changes[0], LoraTarget) else None
         spectrum = None
-        if target is not None and target.magnitude_key is None:
+        if target is not None and target.magnitude_key is None and target.init is None:
             lora_a, lora_b = (f.to(device) for f in adapter.factors(target))
             transposed = target.fan_in_fan_out or target.embedding  # Δ = s·(B@A)ᵀ
             left, right = (lora_a.T, lora_b) if transposed else (lora_b, lora_a.T)
             spectrum = factor_spectrum(left, right, target.scaling)
-        yield LoraDelta(spec.name, delta, weight, spectrum, product_magnitude(changes, adapter, delta))
+        magnitude = product_magnitude(changes, adapter, delta, weight)
+        rounded = rounded_at_dtype(changes, weight, delta, magnitude) if weight is not None else None
+        yield LoraDelta(spec.name, delta, weight, spectrum, magnitude, rounded)
 
 
 def analyze_files(
@@ -136,7 +139,9 @@ def add_residual_in_ulps(
     spectrum.residual_rms_ulps = float(ulps.square().mean().sqrt())
     if item.product_magnitude is not None:
         rank = max(spectrum.rank_lora, 1)
-        bound = rounding_bound(item.base_weight, item.delta, merge_dtype, rank, item.product_magnitude)
+        bound = rounding_bound(
+            item.base_weight, item.delta, merge_dtype, rank, item.product_magnitude, item.rounded_at_dtype
+        )
         spectrum.within_rounding = bool(((tau.double() - item.delta.double()).abs() <= bound).all())
     return evenly_spaced(ulps)
 

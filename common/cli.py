@@ -77,6 +77,15 @@ def add_overwrite(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --output_dir")
 
 
+def add_residual_base(parser: argparse.ArgumentParser) -> None:
+    add_switch(
+        parser,
+        "--residual_base",
+        "the base model is the residual model a PiSSA/OLoRA/CorDA/LoftQ/LoRA-GA initialisation saved: merge the "
+        "adapter into it as a plain LoRA instead of redoing (or refusing) the initialisation",
+    )
+
+
 class Terminated(BaseException):
     """SIGTERM or SIGHUP, raised where the program stands so that cleanups (staged outputs) run as on Ctrl-C."""
 

@@ -21,6 +21,7 @@ from common.adapter import (
     Change,
     LoraAdapter,
     LoraTarget,
+    ParameterPiece,
     lora_scaling,
     names_in_checkpoint,
 )
@@ -70,11 +71,11 @@ def plan_deltas(
     """Every tensor the adapter changes (a tied head included, as the merge treats it), with its shape."""
     if base is not None:
         plan = plan_merge(base, adapter, torch.float32, config)
-        specs = [s for s in plan.specs if s.name in plan.changes]
+        specs = [_delta_spec(s, base.info(plan.sources[s.name]).shape) for s in plan.specs if s.name in plan.changes]
         return DeltaPlan(specs, plan.sources, {s.name: plan.changes[s.name] for s in specs})
     needs_base = [c for cs in adapter.changes.values() for c in cs if not is_base_free(c)]
     if needs_base:
-        kinds = sorted({"DoRA magnitudes" if isinstance(c, LoraTarget) else KIND_NAMES[type(c)] for c in needs_base})
+        kinds = sorted({_needs_base_kind(c) for c in needs_base})
         raise UserError(
             f"adapter {adapter.folder} holds {', '.join(kinds)} ({len(needs_base)} tensors): the change they make "
             "depends on the base weights, so pass --base_model"
@@ -82,6 +83,19 @@ def plan_deltas(
     changes = names_in_checkpoint(adapter.changes, task_vector_names)
     specs = [TensorSpec(n, torch.float32, adapter.expected_shape(cs[0])) for n, cs in changes.items()]
     return DeltaPlan(specs, {s.name: s.name for s in specs}, changes)
+
+
+def _delta_spec(merged: TensorSpec, base_shape: tuple[int, ...]) -> TensorSpec:
+    """Δ's shape: the merged tensor's, cut to the base's rows where a resized vocabulary added some."""
+    if merged.shape and base_shape and merged.shape[0] > base_shape[0]:
+        return TensorSpec(merged.name, merged.dtype, (base_shape[0], *merged.shape[1:]))
+    return merged
+
+
+def _needs_base_kind(change: Change) -> str:
+    if isinstance(change, LoraTarget):
+        return f"{change.init.upper()}-initialised LoRA updates" if change.init else "DoRA magnitudes"
+    return KIND_NAMES[type(change)]
 
 
 def exact_delta(
@@ -94,9 +108,15 @@ def exact_delta(
     else:
         weight = base.read(plan.sources[name]).to(device)
         exact = weight.double()
-        delta = apply_changes(exact.clone(), changes, adapter, torch.float64) - exact
+        delta = common_rows(apply_changes(exact.clone(), changes, adapter, torch.float64), exact) - exact
     require_finite_delta(delta, name, plan.sources[name], changes, adapter, base)
     return delta, weight
+
+
+def common_rows(merged: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """A merged tensor cut to the base's rows: a resized vocabulary's new rows have no base to subtract from, so Δ
+    (like τ extracted with --allow_shape_mismatch) covers the rows both have."""
+    return merged[: base.shape[0]] if merged.dim() and merged.shape[0] > base.shape[0] else merged
 
 
 def check_task_vector_shapes(plan: DeltaPlan, task_vector: CheckpointIndex) -> None:
@@ -161,11 +181,25 @@ def check_rounding(
 ) -> None:
     """Is τ − Δ what a merge at the recorded dtype makes? Both by the rounding bound and by redoing that merge."""
     dtype = comparison.merge_dtype
-    rank = max((c.rank for c in changes if isinstance(c, LoraTarget)), default=1)
-    add_rounding_check(result, weight, delta, tau, dtype, rank, product_magnitude(changes, adapter, delta))
-    merged = apply_changes(weight.to(dtype, copy=True), changes, adapter)  # the merge adds in place
+    rank = max((c.rank for c in changes if isinstance(c, LoraTarget | ParameterPiece)), default=1)
+    magnitude = product_magnitude(changes, adapter, delta, weight)
+    rounded = rounded_at_dtype(changes, weight, delta, magnitude)
+    add_rounding_check(result, weight, delta, tau, dtype, rank, magnitude, rounded)
+    merged = common_rows(apply_changes(weight.to(dtype, copy=True), changes, adapter), weight)  # adds in place
     result.reproduces_merge = torch.equal(merged.to(tau.dtype) - weight.to(tau.dtype), tau)
     comparison.ulp_errors.append(ulp_sample(weight, delta, tau, dtype))
+
+
+def rounded_at_dtype(
+    changes: list[Change], weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor
+) -> torch.Tensor | None:
+    """The magnitude of what a merge rounds to its dtype besides W and W + Δ: target_parameters cast Δ first;
+    PiSSA / OLoRA cast the residual W − s·B₀A₀, at most |W| + |s|·|B₀|@|A₀| (within the product magnitude)."""
+    if any(isinstance(c, ParameterPiece) for c in changes):
+        return delta.abs()
+    if any(isinstance(c, LoraTarget) and c.init for c in changes):
+        return weight.double().abs() + magnitude
+    return None
 
 
 def classify_other(

@@ -9,7 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from common.adapter import BiasUpdate, Change, LoraAdapter, LoraTarget, Replacement, TokenRows
+from common.adapter import (
+    BiasUpdate,
+    Change,
+    LoraAdapter,
+    LoraTarget,
+    ParameterPiece,
+    ParameterTarget,
+    Replacement,
+    TokenRows,
+)
 
 
 def adapter_dtype(tensor: torch.Tensor) -> torch.Tensor:
@@ -53,6 +62,8 @@ def apply_change(
         return apply_low_rank(weight, change, adapter, compute_dtype)
     if isinstance(change, BiasUpdate):
         return apply_bias_update(weight, change, adapter)
+    if isinstance(change, ParameterPiece):
+        return apply_parameter_piece(weight, change, adapter, compute_dtype)
     return apply_token_rows(weight, change, adapter)
 
 
@@ -64,7 +75,10 @@ def apply_replacement(weight: torch.Tensor, change: Replacement, adapter: LoraAd
 def apply_low_rank(
     weight: torch.Tensor, target: LoraTarget, adapter: LoraAdapter, compute_dtype: torch.dtype | None = None
 ) -> torch.Tensor:
-    """W += Δ in place (one rounding); embeddings add Δ cast to W's dtype; DoRA rescales rows."""
+    """W += Δ in place (one rounding); embeddings add Δ cast to W's dtype; DoRA rescales rows. PiSSA and OLoRA
+    adapters first turn W into the residual W − s·B₀A₀ peft trained them on."""
+    if target.init is not None:
+        weight = residual_weight(weight, target, compute_dtype)
     lora_a, lora_b = (f.to(weight.device) for f in adapter.factors(target))
     delta = lora_delta(target, lora_a, lora_b, compute_dtype)
     if target.magnitude_key is not None:
@@ -88,28 +102,131 @@ def apply_dora(weight: torch.Tensor, delta: torch.Tensor, target: LoraTarget, ad
     return (factor * (weight + delta)).to(weight.dtype)
 
 
+def initial_factors(weight: torch.Tensor, target: LoraTarget) -> tuple[torch.Tensor, torch.Tensor]:
+    """A₀, B₀ (fp32) as peft's `pissa_init` / `olora_init` compute them from the layer's weight when it loads the
+    adapter: PiSSA from the exact SVD W = V S Uᵀ (A₀ = √(S_r/s)·U_rᵀ, B₀ = V_r·√(S_r/s)), OLoRA from W = QR
+    (A₀ = R_r, B₀ = Q_r). Their shapes must be the saved factors' (peft cannot load them otherwise)."""
+    rank = target.rank
+    if target.init == "olora":  # peft's OLoRA ignores fan_in_fan_out
+        q, r = torch.linalg.qr(weight.to(torch.float32))
+        return r[:rank].contiguous(), q[:, :rank].contiguous()
+    w = weight.to(torch.float32)
+    v, s, uh = torch.linalg.svd(w.T if target.fan_in_fan_out else w, full_matrices=False)
+    s_r = s[:rank] / target.scaling
+    return torch.diag(torch.sqrt(s_r)) @ uh[:rank], v[:, :rank] @ torch.diag(torch.sqrt(s_r))
+
+
+def residual_weight(weight: torch.Tensor, target: LoraTarget, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """W − s·B₀A₀: the base weight peft leaves in a PiSSA / OLoRA layer before it loads the trained factors.
+
+    peft computes it in fp32 and casts it back to W's dtype (compute_dtype=None: bitwise peft's); in float64
+    it is the exact residual of those same fp32 factors.
+    """
+    lora_a, lora_b = initial_factors(weight, target)
+    transposed = target.fan_in_fan_out and target.init == "pissa"
+    w = weight.to(compute_dtype or torch.float32)
+    w = w.T if transposed else w
+    lora_a, lora_b = lora_a.to(w.dtype), lora_b.to(w.dtype)
+    residual = (w - target.scaling * lora_b @ lora_a).to(weight.dtype)
+    return residual.T if transposed else residual
+
+
+def parameter_delta(
+    target: ParameterTarget, adapter: LoraAdapter, device: torch.device, compute_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """peft's `ParamWrapper.get_delta_weight` before its cast to the parameter's dtype."""
+    lora_a, lora_b = (adapter_dtype(f.to(device)) for f in adapter.factors(target))
+    return stacked_lora_delta(target, lora_a, lora_b, compute_dtype)
+
+
+def stacked_lora_delta(
+    target: ParameterTarget, lora_a: torch.Tensor, lora_b: torch.Tensor, compute_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """s·B@A of a 2-D parameter, or per expert e s·B_e@A_e stacked: A is (experts·r) × in, read as
+    experts × r × in; B is out × (experts·r), read as out × r × experts (peft's layout)."""
+    if compute_dtype is not None:
+        lora_a, lora_b = lora_a.to(compute_dtype), lora_b.to(compute_dtype)
+    experts = target.experts
+    if experts == 1:
+        delta = (lora_b @ lora_a) * target.scaling
+        return delta.unsqueeze(0) if len(target.shape) == 3 else delta
+    lora_a = lora_a.reshape(experts, -1, lora_a.shape[-1])
+    lora_b = lora_b.reshape(lora_b.shape[0], -1, experts)
+    layout = "e i o" if target.transposed else "e o i"
+    return torch.einsum(f"o r e, e r i -> {layout}", lora_b, lora_a) * target.scaling
+
+
+def piece_delta(
+    piece: ParameterPiece, adapter: LoraAdapter, device: torch.device, compute_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """The part of the parameter's Δ this checkpoint tensor holds. Δ is computed whole, as peft does, and cut by
+    transformers' own save conversion; the pieces of one parameter are asked for one after the other, so they are
+    kept until another parameter's are asked for."""
+    if not piece.split:
+        return parameter_delta(piece.target, adapter, device, compute_dtype)
+    cache = adapter.piece_cache
+    key = (piece.target.base_name, compute_dtype, str(device))
+    if key not in cache:
+        if any(k[0] != key[0] for k in cache):
+            cache.clear()
+        delta = parameter_delta(piece.target, adapter, device, compute_dtype)
+        cache[key] = adapter.structure.split(piece.target.base_name, delta)
+    return cache[key][piece.base_name]
+
+
+def apply_parameter_piece(
+    weight: torch.Tensor, piece: ParameterPiece, adapter: LoraAdapter, compute_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """`target_parameters`: W += Δ cast to W's dtype first (peft's ParamWrapper.merge: two roundings)."""
+    weight += piece_delta(piece, adapter, weight.device, compute_dtype).to(weight.dtype)
+    return weight
+
+
 def is_base_free(change: Change) -> bool:
     """Plain LoRA updates and LoRA biases add a change that does not depend on the base weights."""
-    return isinstance(change, BiasUpdate) or (isinstance(change, LoraTarget) and change.magnitude_key is None)
+    if isinstance(change, LoraTarget):
+        return change.magnitude_key is None and change.init is None
+    return isinstance(change, BiasUpdate | ParameterPiece)
 
 
 def base_free_delta(change: Change, adapter: LoraAdapter, device: torch.device) -> torch.Tensor:
     """The float64 change a base-free change (see `is_base_free`) makes."""
     if isinstance(change, BiasUpdate):
         return adapter.read(change.key).to(device).double() * change.scaling
+    if isinstance(change, ParameterPiece):
+        return piece_delta(change, adapter, device, torch.float64)
     lora_a, lora_b = (f.to(device) for f in adapter.factors(change))
     return lora_delta(change, lora_a, lora_b, torch.float64)
 
 
-def product_magnitude(changes: list[Change], adapter: LoraAdapter, like: torch.Tensor) -> torch.Tensor:
-    """Σ |s|·(|B| @ |A|) over a tensor's low-rank changes (float64, Δ's layout): the scale of the fp32
-    rounding in B @ A, which can far exceed |Δ| where the products cancel. Zero for other changes."""
+def product_magnitude(
+    changes: list[Change], adapter: LoraAdapter, like: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Σ |s|·(|B| @ |A|) over a tensor's low-rank changes (float64, Δ's layout), PiSSA / OLoRA's B₀A₀ (from
+    `weight`) included: the scale of the fp32 rounding in B @ A, which can far exceed |Δ| where the products
+    cancel. Zero for other changes."""
     total = torch.zeros(like.shape, dtype=torch.float64, device=like.device)
     for change in changes:
         if isinstance(change, LoraTarget):
             lora_a, lora_b = (f.to(like.device).abs() for f in adapter.factors(change))
             total += lora_delta(change, lora_a, lora_b, torch.float64).abs()
+            if change.init is not None and weight is not None:
+                init_a, init_b = (f.abs().double() for f in initial_factors(weight, change))
+                product = change.scaling * init_b @ init_a
+                transposed = change.fan_in_fan_out and change.init == "pissa"
+                total += product.T if transposed else product
+        elif isinstance(change, ParameterPiece):
+            total += _piece_magnitude(change, adapter, like.device)
     return total
+
+
+def _piece_magnitude(piece: ParameterPiece, adapter: LoraAdapter, device: torch.device) -> torch.Tensor:
+    """|s|·(|B_e| @ |A_e|) for the experts and rows this checkpoint tensor holds."""
+    lora_a, lora_b = (f.to(device).abs() for f in adapter.factors(piece.target))
+    magnitude = stacked_lora_delta(piece.target, lora_a, lora_b, torch.float64).abs()
+    if not piece.split:
+        return magnitude
+    return adapter.structure.split(piece.target.base_name, magnitude)[piece.base_name]
 
 
 def apply_bias_update(bias: torch.Tensor, change: BiasUpdate, adapter: LoraAdapter) -> torch.Tensor:

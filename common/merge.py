@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,18 +25,11 @@ from pathlib import Path
 
 import torch
 
-from common.adapter import (
-    ORDER,
-    Change,
-    LoraAdapter,
-    Replacement,
-    TokenRows,
-    check_targets_match,
-    names_in_checkpoint,
-)
+from common.adapter import ORDER, Change, LoraAdapter, Replacement, TokenRows, names_in_checkpoint
+from common.adapter_fit import fit_adapter
 from common.finite import non_finite_merge
 from common.lora import apply_changes
-from common.model_layout import HEAD, tied_embedding
+from common.model_layout import HEAD, kept_in_fp32, tied_embedding
 from common.precision import all_finite, short_name
 from common.safetensors_io import CHUNK_BYTES, CheckpointIndex, Scratch, ShardedWriter, TensorSpec, iter_row_chunks
 
@@ -61,6 +55,7 @@ class MergePlan:
     sources: dict[str, str]  # output name -> base tensor name
     changes: dict[str, list[Change]]
     untied: bool = False
+    vocabulary: tuple[int, int] | None = None  # rows before and after, when the adapter resizes the vocabulary
 
 
 @dataclass
@@ -70,32 +65,57 @@ class MergeSummary:
     non_finite: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     untied: bool = False
+    vocabulary: tuple[int, int] | None = None
 
 
-def merged_dtype(stored: torch.dtype, precision: torch.dtype) -> torch.dtype:
-    """Floating tensors take the output precision; integer and bool buffers keep their dtype."""
-    return precision if stored.is_floating_point else stored
+def merged_dtype(name: str, stored: torch.dtype, precision: torch.dtype, kept_fp32: re.Pattern | None) -> torch.dtype:
+    """Floating tensors take the output precision, but for those the model class keeps in fp32 (see
+    `kept_in_fp32`); integer and bool buffers keep their dtype."""
+    if not stored.is_floating_point:
+        return stored
+    return torch.float32 if kept_fp32 is not None and kept_fp32.search(name) else precision
 
 
 def plan_merge(base: CheckpointIndex, adapter: LoraAdapter, precision: torch.dtype, config: dict) -> MergePlan:
-    """Match the adapter's changes to base tensors (by name and shape), untying a tied head if needed."""
+    """Match the adapter's changes to base tensors (by name and shape), untying a tied head if needed.
+
+    Tensors come in the base's order, except that the checkpoint tensors holding one adapted parameter (a stack of
+    experts) come one after the other: its Δ is computed once, whole, and cut into them.
+    """
     embedding = tied_embedding(base, config)
     shapes = base.shapes()
     changes = names_in_checkpoint(adapter.changes, set(shapes))
     if embedding is not None:
         shapes[HEAD] = shapes[embedding]
         changes = _tied_changes(changes, embedding)
-    check_targets_match(adapter, shapes, f"base model {base.source}", changes)
-    sources = {name: name for name in base.names()}
+    fit = fit_adapter(
+        adapter, changes, shapes, f"base model {base.source}", base.source if base.source.is_dir() else None
+    )
+    changes = fit.changes
+    sources = {name: name for name in _grouped(base.names(), fit.groups)}
     untied = embedding is not None and changes.get(HEAD, []) != changes.get(embedding, [])
     if untied:
         sources[HEAD] = embedding
     elif embedding is not None:
         changes.pop(HEAD, None)  # still tied: the head is the embedding, written once
+    kept_fp32 = kept_in_fp32(config, precision)
     specs = [
-        TensorSpec(out, merged_dtype(base.info(src).dtype, precision), shapes[src]) for out, src in sources.items()
+        TensorSpec(out, merged_dtype(out, base.info(src).dtype, precision, kept_fp32), fit.shapes[out])
+        for out, src in sources.items()
     ]
-    return MergePlan(specs=specs, sources=sources, changes=changes, untied=untied)
+    return MergePlan(specs=specs, sources=sources, changes=changes, untied=untied, vocabulary=fit.vocabulary)
+
+
+def _grouped(names: list[str], groups: list[list[str]]) -> list[str]:
+    """`names` in order, each group's members moved up to where its first member is."""
+    group_of = {name: group for group in groups for name in group}
+    ordered, placed = [], set()
+    for name in names:
+        if name not in placed:
+            members = [n for n in names if n in group_of[name]] if name in group_of else [name]
+            ordered += members
+            placed.update(members)
+    return ordered
 
 
 def _tied_changes(changes: dict[str, list[Change]], embedding: str) -> dict[str, list[Change]]:
@@ -128,7 +148,9 @@ def merge_checkpoint(
     """Write the merged weights of every base tensor into `out_dir` as safetensors shards."""
     plan = plan_merge(base, adapter, precision, config)
     writer = ShardedWriter(out_dir, plan.specs, max_shard_bytes, {"format": "pt"})
-    summary = MergeSummary(tensors=len(plan.specs), files=[f for f, _ in writer.shards], untied=plan.untied)
+    summary = MergeSummary(
+        tensors=len(plan.specs), files=[f for f, _ in writer.shards], untied=plan.untied, vocabulary=plan.vocabulary
+    )
     scratch = Scratch(pinned=device.type == "cuda"), Scratch()
     try:
         for spec in plan.specs:
@@ -188,16 +210,24 @@ def write_changed(
     scratch: Scratch,
 ) -> bool:
     """A tensor the adapter changes: whole, cast, then every change in peft's order. True when finite."""
-    weight = base.read_rows(source, 0, spec.shape[0] if spec.shape else 1, scratch)
+    stored = base.info(source).shape
+    weight = base.read_rows(source, 0, stored[0] if stored else 1, scratch)
     weight = apply_changes(weight.to(device).to(spec.dtype), changes, adapter)
     writer.write(spec.name, weight)
     return all_finite(weight)
 
 
 def write_model_files(
-    config: dict, base_dir: Path, adapter_dir: Path, out_dir: Path, precision: torch.dtype, untied: bool
+    config: dict,
+    base_dir: Path,
+    adapter_dir: Path,
+    out_dir: Path,
+    precision: torch.dtype,
+    untied: bool,
+    vocabulary: tuple[int, int] | None = None,
 ) -> list[str]:
-    """config.json (recording the dtype written), generation config and tokenizer files beside the weights."""
+    """config.json (recording the dtype written and a resized vocabulary), generation config and tokenizer files
+    (the adapter's own when it has them: a resized vocabulary comes with its tokenizer) beside the weights."""
     config = dict(config)
     dtype_name = str(precision).removeprefix("torch.")
     config["dtype"] = dtype_name
@@ -205,6 +235,8 @@ def write_model_files(
         config["torch_dtype"] = dtype_name
     if untied:
         config["tie_word_embeddings"] = False
+    if vocabulary is not None:
+        config["vocab_size"] = vocabulary[1]
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return [
         "config.json",

@@ -64,6 +64,7 @@ def rounding_bound(
     dtype: torch.dtype,
     rank: int,
     product_magnitude: torch.Tensor | None = None,
+    rounded_at_dtype: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Element-wise bound on |τ − Δ| that a merge at `dtype` can produce (float64).
 
@@ -71,14 +72,17 @@ def rounding_bound(
     within ½ ulp of W plus ½ ulp of the merged weight (at `dtype`), plus the fp32 arithmetic of the
     delta and of the subtraction. B @ A in fp32 errs by up to about r ulps of |s|·(|B| @ |A|)
     (`product_magnitude`), which exceeds |Δ| by orders of magnitude where the r products cancel.
+    A merge that rounds one more intermediate to `dtype` (`rounded_at_dtype`, its magnitude: Δ cast before the
+    addition, a PiSSA residual) adds ½ ulp of it.
     """
     w, delta = base.double(), lora_delta.double()
     merged = (w.abs() + delta.abs()).clamp_min(w.abs())
     magnitude = merged if product_magnitude is None else torch.maximum(merged, product_magnitude.double())
     fp32_slack = (rank + 2) * ulp(magnitude, torch.float32)
+    extra = 0.0 if rounded_at_dtype is None else 0.5 * ulp(rounded_at_dtype.double(), dtype)
     if dtype == torch.float32:
-        return 0.5 * ulp(merged, dtype) + fp32_slack
-    return 0.5 * ulp(w, dtype) + 0.5 * ulp(merged, dtype) + fp32_slack
+        return 0.5 * ulp(merged, dtype) + fp32_slack + extra
+    return 0.5 * ulp(w, dtype) + 0.5 * ulp(merged, dtype) + fp32_slack + extra
 
 
 def add_rounding_check(
@@ -89,10 +93,11 @@ def add_rounding_check(
     dtype: torch.dtype,
     rank: int,
     product_magnitude: torch.Tensor | None = None,
+    rounded_at_dtype: torch.Tensor | None = None,
 ) -> None:
     """Record whether every difference is explained by rounding at the merge dtype, and the worst in ulps."""
     diff = (task_vector.double() - lora_delta.double()).abs()
-    bound = rounding_bound(base, lora_delta, dtype, rank, product_magnitude)
+    bound = rounding_bound(base, lora_delta, dtype, rank, product_magnitude, rounded_at_dtype)
     result.within_rounding = bool((diff <= bound).all())
     ulps = residual_ulps(base, lora_delta, task_vector, dtype)
     result.max_diff_ulps = float(ulps.abs().max()) if ulps.numel() else 0.0

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+
+import torch
 
 from common.errors import UserError
 from common.safetensors_io import CheckpointIndex
@@ -47,3 +50,24 @@ def tied_embedding(checkpoint: CheckpointIndex, config: dict) -> str | None:
         return None
     embeddings = [n for n in checkpoint.names() if n.endswith(EMBEDDING_SUFFIXES)]
     return embeddings[0] if len(embeddings) == 1 else None
+
+
+def kept_in_fp32(config: dict, precision: torch.dtype) -> re.Pattern | None:
+    """The tensors transformers keeps in fp32 when it loads the model at `precision` (a regex searched in names).
+
+    A model class lists modules in `_keep_in_fp32_modules` (kept at fp16) and `_keep_in_fp32_modules_strict` (kept
+    at fp16 and bf16): GPT-OSS's norms, DeepSeek-V3's router `gate.weight`. peft merges into those fp32 tensors, so
+    the merge writes them in fp32 too. None when the class is unknown or keeps nothing.
+    """
+    import transformers
+
+    architectures = config.get("architectures") or [None]
+    model_class = getattr(transformers, architectures[0], None) if isinstance(architectures[0], str) else None
+    kept = set()
+    if model_class is not None and precision == torch.float16:
+        kept |= set(getattr(model_class, "_keep_in_fp32_modules", None) or [])
+    if model_class is not None and precision in (torch.float16, torch.bfloat16):
+        kept |= set(getattr(model_class, "_keep_in_fp32_modules_strict", None) or [])
+    if not kept:
+        return None
+    return re.compile("|".join(f"(?:{name.replace('*', '.*')})" for name in sorted(kept)))

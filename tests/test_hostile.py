@@ -305,10 +305,16 @@ CASES = [
     Case(
         "unsupported-lora-variant",
         COMPARE,
+        lambda i: compare(i, adapter=edit_json(i.adapter_copy() / "adapter_config.json", use_bdlora=True).parent),
+        lambda i: ("adapter_config.json", "use_bdlora is set: a LoRA variant this toolkit does not support"),
+    ),
+    Case(
+        "target-parameters-without-base",
+        COMPARE,
         lambda i: compare(
             i, adapter=edit_json(i.adapter_copy() / "adapter_config.json", target_parameters=["mlp.w"]).parent
         ),
-        lambda i: ("adapter_config.json", "target_parameters is set: a LoRA variant this toolkit does not support"),
+        lambda i: ("uses target_parameters", "pass --base_model"),
     ),
     Case(
         "unsupported-peft-type",
