@@ -18,23 +18,28 @@ import json
 from pathlib import Path
 
 from common.adapter import LoraAdapter
-from common.analysis import analysis_report, analyze_files, deltas_from_adapter, deltas_from_file
+from common.analysis import analyze_files, deltas_from_adapter, deltas_from_file
+from common.analysis_report import analysis_markdown, analysis_report
 from common.cli import (
     add_overwrite,
     add_residual_base,
+    at_most_one,
     base_parser,
+    fraction,
     log,
+    parse_with_config,
+    positive_int,
+    require,
     resolve_device,
     run,
     setup_logging,
     tensor_progress,
 )
-from common.compare import plan_deltas
-from common.export import FOLDER, ExportRequest, LoraExporter, energy_fraction, export_rank, recorded_base_config
+from common.export import FOLDER, ExportRequest, LoraExporter, recorded_base_config
+from common.lora import plan_deltas
 from common.model_layout import read_config
 from common.outputs import check_output_dir, staged_output_dir
 from common.plots import analysis_plots
-from common.reports import analysis_markdown
 from common.safetensors_io import CheckpointIndex
 from common.sources import resolve_adapter, resolve_model
 from common.task_vector import stats_beside
@@ -42,28 +47,33 @@ from common.task_vector import stats_beside
 
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--lora_file", type=Path, help="lora_deltas.safetensors from step 3")
-    source.add_argument("--lora_path", help="or the adapter (folder or hub id): Δ exact, its SVD from the factors")
-    parser.add_argument("--task_vector_file", type=Path, required=True, help="task_vector.safetensors from step 2")
+    parser.add_argument("--lora_file", type=Path, default=None, help="lora_deltas.safetensors from step 3")
+    parser.add_argument(
+        "--lora_path", default=None, help="or the adapter (folder or hub id): Δ exact, SVD from its factors"
+    )
+    parser.add_argument(
+        "--task_vector_file", type=Path, default=None, help="task_vector.safetensors from step 2 (required)"
+    )
     parser.add_argument("--base_model", default=None, help="base model (hub id or folder): residual in ulps")
     parser.add_argument("--output_dir", type=Path, default=Path("mathematical_analysis"), help="report folder")
     parser.add_argument(
         "--full_svd", action="store_true", help="exact SVDs even of large matrices (default: randomized above 512)"
     )
-    export = parser.add_mutually_exclusive_group()
-    export.add_argument(
-        "--export_lora", type=export_rank, metavar="RANK", help="also write τ as a rank-RANK peft LoRA (truncated SVD)"
+    parser.add_argument(
+        "--export_lora", type=positive_int, metavar="RANK", help="also write τ as a rank-RANK peft LoRA (truncated SVD)"
     )
-    export.add_argument(
+    parser.add_argument(
         "--export_lora_energy",
-        type=energy_fraction,
+        type=fraction,
         metavar="FRACTION",
         help="the same, per tensor the smallest rank keeping FRACTION of ‖τ‖²_F",
     )
     add_residual_base(parser)
     add_overwrite(parser)
-    args = parser.parse_args(argv)
+    args = parse_with_config(parser, argv)
+    require(args, "task_vector_file")
+    at_most_one(args, "lora_file", "lora_path", required=True)
+    at_most_one(args, "export_lora", "export_lora_energy")
     setup_logging(args.verbose)
 
     device = resolve_device(args.device)

@@ -21,16 +21,19 @@ from common.cli import (
     add_residual_base,
     base_parser,
     log,
+    parse_with_config,
+    require,
     resolve_device,
     run,
     setup_logging,
     tensor_progress,
 )
-from common.compare import compare_adapter, plan_deltas, verdict
+from common.compare import compare_adapter, verdict
+from common.compare_report import comparison_summary, console_block, tensor_rows, write_comparison_reports
+from common.lora import plan_deltas
 from common.model_layout import read_config
 from common.outputs import check_output_dir, staged_output_dir
 from common.plots import comparison_plots
-from common.reports import comparison_summary, console_block, tensor_rows, write_comparison_reports
 from common.safetensors_io import CheckpointIndex, SafetensorsWriter
 from common.sources import resolve_adapter, resolve_model
 from common.task_vector import stats_beside
@@ -39,14 +42,17 @@ from common.task_vector import stats_beside
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__)
     parser.add_argument("--base_model", default=None, help="base model (hub id or folder): classifies artifacts")
-    parser.add_argument("--lora_path", required=True, help="adapter or checkpoint-N folder, or hub id")
-    parser.add_argument("--task_vector_path", type=Path, required=True, help="task_vector.safetensors from step 2")
+    parser.add_argument("--lora_path", default=None, help="adapter or checkpoint-N folder, or hub id (required)")
+    parser.add_argument(
+        "--task_vector_path", type=Path, default=None, help="task_vector.safetensors from step 2 (required)"
+    )
     parser.add_argument("--output_dir", type=Path, default=Path("comparison_results"), help="results folder")
     parser.add_argument("--tolerance", type=float, default=1e-5, help="max |τ − Δ| allowed per element")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     add_residual_base(parser)
     add_overwrite(parser)
-    args = parser.parse_args(argv)
+    args = parse_with_config(parser, argv)
+    require(args, "lora_path", "task_vector_path")
     setup_logging(args.verbose, to_stderr=args.json)
 
     device = resolve_device(args.device)

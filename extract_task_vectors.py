@@ -27,7 +27,6 @@ from common.cli import (
     setup_logging,
     tensor_progress,
 )
-from common.finite import non_finite_task_vector_warnings
 from common.model_layout import read_config
 from common.outputs import check_output_dir, staged_output_dir
 from common.precision import short_name
@@ -37,6 +36,7 @@ from common.task_vector import (
     STATS_FILE,
     check_same_architecture,
     extract_task_vector,
+    non_finite_task_vector_warnings,
     plan_extraction,
     task_vector_specs,
     write_stats,
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__)
     parser.add_argument("--base_model", type=str, default=None, help="hub id or local folder of the base")
     parser.add_argument("--finetuned_model", type=str, default=None, help="merged model folder from step 1")
-    parser.add_argument("--output_dir", type=Path, default=None, help="folder for the task vector")
+    parser.add_argument("--output_dir", type=Path, default=Path("task_vectors"), help="folder for the task vector")
     parser.add_argument("--compute_dtype", default="fp32", choices=list(COMPUTE_DTYPES), help="dtype of τ (fp32)")
     parser.add_argument("--shard_size", type=byte_size, default=None, help="write shards of this size (e.g. 2GB)")
     add_switch(parser, "--skip_unchanged", "leave out tensors whose τ is exactly zero (listed in the stats)")
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_overwrite(parser)
     args = parse_with_config(parser, argv)
-    require(args, "base_model", "finetuned_model", "output_dir")
+    require(args, "base_model", "finetuned_model")
     setup_logging(args.verbose)
 
     import torch
@@ -89,23 +89,10 @@ def main(argv: list[str] | None = None) -> int:
             "compute_dtype": short_name(compute_dtype),
         }
         writer = ShardedWriter(staging, specs, args.shard_size or 2**63, metadata, stem="task_vector")
-        with tensor_progress(sum(s.nbytes for s in specs), "extract", args.verbose, unit="B") as step:
-            try:
-                extract_task_vector(
-                    base,
-                    finetuned,
-                    pairs,
-                    extraction,
-                    writer,
-                    device,
-                    compute_dtype,
-                    args.skip_unchanged,
-                    on_tensor=step,
-                )
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
+        with writer, tensor_progress(sum(s.nbytes for s in specs), "extract", args.verbose, unit="B") as step:
+            extract_task_vector(
+                base, finetuned, pairs, extraction, writer, device, compute_dtype, args.skip_unchanged, on_tensor=step
+            )
         write_stats(extraction, staging / STATS_FILE, sources)
         non_finite = non_finite_task_vector_warnings(base, finetuned, pairs, extraction)
 

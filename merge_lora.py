@@ -19,6 +19,7 @@ from common.cli import (
     add_residual_base,
     base_parser,
     log,
+    parse_with_config,
     peak_memory_gb,
     resolve_device,
     run,
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_residual_base(parser)
     add_overwrite(parser)
-    args = parser.parse_args(argv)
+    args = parse_with_config(parser, argv)
     setup_logging(args.verbose)
     started = time.perf_counter()
 

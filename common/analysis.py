@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import statistics
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
 from common.adapter import LoraAdapter, LoraTarget
-from common.compare import DeltaPlan, exact_delta, rounded_at_dtype
 from common.errors import UserError
-from common.export import LoraExport, export_findings, export_report
+from common.export import LoraExport
 from common.finite import require_finite
-from common.lora import product_magnitude
+from common.lora import DeltaPlan, exact_delta, product_magnitude, rounded_at_dtype
 from common.metrics import evenly_spaced, residual_ulps, rounding_bound
 from common.precision import dtype_from_name
 from common.safetensors_io import CheckpointIndex
 from common.spectra import TensorSpectrum, analyze_tensor, factor_spectrum
+from common.task_vector import TauStatus, stored_status
 
 
 @dataclass
@@ -27,7 +25,7 @@ class Analysis:
     lora_only: list[str] = field(default_factory=list)
     not_matrices: list[str] = field(default_factory=list)  # biases and other vectors: no spectrum to analyse
     task_vector_only_nonzero: list[str] = field(default_factory=list)
-    task_vector_only_zero: int = 0
+    task_vector_only_unchanged: int = 0
     merge_dtype: str | None = None
     lora_source: str = "lora_file"  # or "lora_path": Δ computed from the adapter in float64
     ulp_samples: list[torch.Tensor] = field(default_factory=list)  # per tensor, (τ − Δ) in ulps (with a base)
@@ -121,11 +119,10 @@ def analyze_files(
         raise UserError("no LoRA-adapted tensor is in the task vector file: not the same model")
     for name in task_vector.names():
         if name not in seen:
-            status = (known_status or {}).get(name)
-            if status not in ("unchanged", None) or (status is None and torch.count_nonzero(task_vector.read(name))):
-                analysis.task_vector_only_nonzero.append(name)
+            if stored_status(name, task_vector, None, merge_dtype, known_status) == TauStatus.UNCHANGED:
+                analysis.task_vector_only_unchanged += 1
             else:
-                analysis.task_vector_only_zero += 1
+                analysis.task_vector_only_nonzero.append(name)
     return analysis
 
 
@@ -144,121 +141,3 @@ def add_residual_in_ulps(
         )
         spectrum.within_rounding = bool(((tau.double() - item.delta.double()).abs() <= bound).all())
     return evenly_spaced(ulps)
-
-
-def aggregate(spectra: list[TensorSpectrum], key: Callable[[TensorSpectrum], object]) -> dict[str, dict]:
-    """Medians and extremes of the main per-tensor figures, grouped by `key` (module type or layer)."""
-    groups: dict[str, list[TensorSpectrum]] = defaultdict(list)
-    for s in spectra:
-        groups[str(key(s))].append(s)
-    return {
-        group: {
-            "tensors": len(items),
-            "median_rel_error": statistics.median(s.rel_error for s in items),
-            "max_rel_error": max(s.rel_error for s in items),
-            "max_principal_angle_deg": max(s.principal_angle_deg for s in items),
-            "median_norm_lora": statistics.median(s.norm_lora for s in items),
-            "min_energy_in_lora_rank": min(s.energy_in_lora_rank for s in items),
-            "ranks_task_vector": sorted({s.rank_task_vector for s in items}),
-            "median_effective_rank_lora": statistics.median(s.effective_rank_lora for s in items),
-            "max_residual_ulps": max(
-                (s.residual_max_ulps for s in items if s.residual_max_ulps is not None), default=None
-            ),
-        }
-        for group, items in sorted(groups.items())
-    }
-
-
-def findings(analysis: Analysis) -> list[str]:
-    """The report's conclusions, in plain language, from the numbers alone."""
-    spectra = analysis.tensors
-    n = len(spectra)
-    lora_ranks = sorted({s.rank_lora for s in spectra})
-    same_rank = sum(s.rank_task_vector == s.rank_lora for s in spectra)
-    lines = [f"{n} LoRA-adapted tensors analysed; Δ has numerical rank {_listing(lora_ranks)}."]
-    if analysis.lora_source == "lora_path":
-        factored = sum(s.lora_spectrum_from_factors for s in spectra)
-        lines[0] += f" Δ computed from the adapter in float64; {factored} of its SVDs exactly from the factors."
-    if same_rank == n:
-        lines.append(f"All {n} task-vector tensors have exactly the numerical rank of their LoRA delta.")
-    else:
-        bound = (
-            ", a lower bound from the randomized SVD" if any(s.rank_task_vector_is_lower_bound for s in spectra) else ""
-        )
-        lines.append(
-            f"{n - same_rank} of {n} task-vector tensors have a higher numerical rank than Δ "
-            f"(up to {max(s.rank_task_vector for s in spectra)}{bound})"
-            ": full-rank noise on top of the LoRA update"
-            + (f", as a {analysis.merge_dtype} merge's rounding produces." if analysis.merge_dtype != "fp32" else ".")
-        )
-    angle = max(s.principal_angle_deg for s in spectra)
-    energy = min(s.energy_in_lora_rank for s in spectra)
-    lines.append(
-        f"The top-r singular subspaces of τ and Δ differ by at most {angle:.2e}°; "
-        f"τ's top-r directions hold at least {100 * energy:.6f}% of its energy."
-    )
-    errors = [s.rel_error for s in spectra]
-    lines.append(
-        f"‖τ − Δ‖/‖Δ‖: median {statistics.median(errors):.2e}, max {max(errors):.2e}; "
-        f"σ_(r+1)(τ)/σ₁(τ) at most {max(s.sigma_tail_ratio for s in spectra):.2e}."
-    )
-    ratios = [s.sigma_next_task_vector / s.predicted_noise_floor for s in spectra if s.predicted_noise_floor > 0]
-    if ratios:
-        lines.append(
-            f"σ_(r+1)(τ) is {min(ratios):.2f}–{max(ratios):.2f}× the noise floor predicted from the residual, "
-            "RMS(τ − Δ)·(√m + √n): what lies under the LoRA subspace is unstructured rounding noise."
-        )
-    effective = statistics.median(s.effective_rank_lora for s in spectra)
-    lines.append(
-        f"Effective rank (exp of the spectral entropy) of Δ: median {effective:.2f} of rank {_listing(lora_ranks)}: "
-        "how evenly the adapter spreads its update over its directions."
-    )
-    with_base = [s for s in spectra if s.residual_max_ulps is not None]
-    if with_base:
-        worst = max(s.residual_max_ulps for s in with_base)
-        checked = [s for s in with_base if s.within_rounding is not None]
-        beyond = sum(not s.within_rounding for s in checked)
-        if not checked:
-            reading = "pass --lora_path to check it against the rounding bound of the merge"
-        elif not beyond:
-            reading = f"every element within the rounding bound of a {analysis.merge_dtype} merge"
-        else:
-            reading = f"{beyond} tensors beyond what the rounding of a {analysis.merge_dtype} merge explains"
-        lines.append(
-            f"With the base weights: τ − Δ is at most {worst:.3g} ulp of {analysis.merge_dtype} at the merged weight "
-            f"(RMS up to {max(s.residual_rms_ulps for s in with_base):.3g} ulp) over {len(with_base)} tensors; "
-            f"{reading}."
-        )
-    others = len(analysis.task_vector_only_nonzero)
-    lines.append(
-        f"Tensors in τ that the adapter does not touch: {others + analysis.task_vector_only_zero} "
-        f"({analysis.task_vector_only_zero} exactly zero, {others} non-zero)."
-    )
-    if analysis.export is not None:
-        lines += export_findings(analysis.export)
-    return lines
-
-
-def _listing(values: list[int]) -> str:
-    return str(values[0]) if len(values) == 1 else f"{values[0]}–{values[-1]}"
-
-
-def analysis_report(analysis: Analysis) -> dict:
-    """The content of analysis.json."""
-    return {
-        "summary": {
-            "tensors": len(analysis.tensors),
-            "merge_dtype": analysis.merge_dtype,
-            "lora_source": analysis.lora_source,
-            "lora_spectra_from_factors": sum(s.lora_spectrum_from_factors for s in analysis.tensors),
-            "lora_only": analysis.lora_only,
-            "not_matrices": analysis.not_matrices,
-            "task_vector_only_zero": analysis.task_vector_only_zero,
-            "task_vector_only_nonzero": analysis.task_vector_only_nonzero,
-            "findings": findings(analysis),
-        },
-        "by_module": aggregate(analysis.tensors, lambda s: s.module),
-        "by_layer": aggregate(analysis.tensors, lambda s: s.layer),
-        "tensors": [asdict(s) for s in analysis.tensors],
-        **({"export_lora": export_report(analysis.export)} if analysis.export is not None else {}),
-    }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import re
 import signal
@@ -66,6 +67,28 @@ def byte_size(text: str) -> int:
     if size <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
     return size
+
+
+def positive_int(text: str) -> int:
+    """A rank, a count: a positive integer."""
+    try:
+        rank = int(text)
+    except ValueError:
+        rank = 0
+    if rank <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
+    return rank
+
+
+def fraction(text: str) -> float:
+    """A share, such as of ‖τ‖²_F to keep: in (0, 1]."""
+    try:
+        fraction = float(text)
+    except ValueError:
+        fraction = math.nan
+    if not 0 < fraction <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], not {text!r}")
+    return fraction
 
 
 def add_switch(parser: argparse.ArgumentParser, name: str, help: str) -> None:
@@ -215,6 +238,17 @@ def require(args: argparse.Namespace, *names: str) -> None:
     missing = [f"--{n}" for n in names if getattr(args, n) in (None, "")]
     if missing:
         raise UserError(f"missing {', '.join(missing)} (give it on the command line or in --config)")
+
+
+def at_most_one(args: argparse.Namespace, *names: str, required: bool = False) -> None:
+    """Flags that exclude each other (from the command line and the config file together); with `required`, one of
+    them must be given."""
+    given = [f"--{n}" for n in names if getattr(args, n) not in (None, "")]
+    if len(given) > 1:
+        raise UserError(f"{' and '.join(given)} exclude each other: give one")
+    if required and not given:
+        flags = " or ".join(f"--{n}" for n in names)
+        raise UserError(f"missing {flags} (give it on the command line or in --config)")
 
 
 @contextlib.contextmanager

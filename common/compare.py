@@ -17,23 +17,19 @@ from dataclasses import dataclass, field
 import torch
 
 from common.adapter import (
-    KIND_NAMES,
     Change,
     LoraAdapter,
     LoraTarget,
     ParameterPiece,
     lora_scaling,
-    names_in_checkpoint,
 )
 from common.errors import UserError
-from common.finite import require_finite, require_finite_delta
-from common.lora import apply_changes, base_free_delta, is_base_free, product_magnitude
-from common.merge import plan_merge
+from common.finite import require_finite
+from common.lora import DeltaPlan, apply_changes, common_rows, exact_delta, product_magnitude, rounded_at_dtype
 from common.metrics import PERFECT_COSINE, TensorComparison, add_rounding_check, compare_tensor, ulp_sample
-from common.precision import dtype_from_name, is_rounding_artifact_of_delta, short_name
-from common.safetensors_io import CheckpointIndex, SafetensorsWriter, TensorSpec
-
-UNCLASSIFIED = "unclassified"
+from common.precision import dtype_from_name, short_name
+from common.safetensors_io import CheckpointIndex, SafetensorsWriter
+from common.task_vector import TauStatus, stored_status
 
 
 @dataclass
@@ -43,10 +39,10 @@ class Comparison:
     scaling: tuple[float, int, bool]  # the adapter's lora_alpha, r and use_rslora, to read a scale factor
     shared: list[TensorComparison] = field(default_factory=list)
     lora_only: list[str] = field(default_factory=list)
-    task_vector_only: dict[str, str] = field(default_factory=dict)  # name -> zero | rounding_artifact | ...
+    task_vector_only: dict[str, TauStatus] = field(default_factory=dict)
     ulp_errors: list[torch.Tensor] = field(default_factory=list)  # per tensor, a sample of (τ − Δ) in ulps
 
-    def only_count(self, status: str) -> int:
+    def only_count(self, status: TauStatus) -> int:
         return sum(1 for s in self.task_vector_only.values() if s == status)
 
 
@@ -54,69 +50,6 @@ class Comparison:
 class Verdict:
     equivalent: bool
     reason: str
-
-
-@dataclass(frozen=True)
-class DeltaPlan:
-    """The LoRA deltas to compute: their shapes, and for each the base tensor and changes it comes from."""
-
-    specs: list[TensorSpec]
-    sources: dict[str, str]
-    changes: dict[str, list[Change]]
-
-
-def plan_deltas(
-    adapter: LoraAdapter, base: CheckpointIndex | None, config: dict, task_vector_names: set[str]
-) -> DeltaPlan:
-    """Every tensor the adapter changes (a tied head included, as the merge treats it), with its shape."""
-    if base is not None:
-        plan = plan_merge(base, adapter, torch.float32, config)
-        specs = [_delta_spec(s, base.info(plan.sources[s.name]).shape) for s in plan.specs if s.name in plan.changes]
-        return DeltaPlan(specs, plan.sources, {s.name: plan.changes[s.name] for s in specs})
-    needs_base = [c for cs in adapter.changes.values() for c in cs if not is_base_free(c)]
-    if needs_base:
-        kinds = sorted({_needs_base_kind(c) for c in needs_base})
-        raise UserError(
-            f"adapter {adapter.folder} holds {', '.join(kinds)} ({len(needs_base)} tensors): the change they make "
-            "depends on the base weights, so pass --base_model"
-        )
-    changes = names_in_checkpoint(adapter.changes, task_vector_names)
-    specs = [TensorSpec(n, torch.float32, adapter.expected_shape(cs[0])) for n, cs in changes.items()]
-    return DeltaPlan(specs, {s.name: s.name for s in specs}, changes)
-
-
-def _delta_spec(merged: TensorSpec, base_shape: tuple[int, ...]) -> TensorSpec:
-    """Δ's shape: the merged tensor's, cut to the base's rows where a resized vocabulary added some."""
-    if merged.shape and base_shape and merged.shape[0] > base_shape[0]:
-        return TensorSpec(merged.name, merged.dtype, (base_shape[0], *merged.shape[1:]))
-    return merged
-
-
-def _needs_base_kind(change: Change) -> str:
-    if isinstance(change, LoraTarget):
-        return f"{change.init.upper()}-initialised LoRA updates" if change.init else "DoRA magnitudes"
-    return KIND_NAMES[type(change)]
-
-
-def exact_delta(
-    name: str, plan: DeltaPlan, adapter: LoraAdapter, base: CheckpointIndex | None, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Δ in float64 (and the base tensor when there is one): merged − base, computed as the merge does."""
-    changes = plan.changes[name]
-    if base is None:
-        delta, weight = sum(base_free_delta(c, adapter, device) for c in changes), None
-    else:
-        weight = base.read(plan.sources[name]).to(device)
-        exact = weight.double()
-        delta = common_rows(apply_changes(exact.clone(), changes, adapter, torch.float64), exact) - exact
-    require_finite_delta(delta, name, plan.sources[name], changes, adapter, base)
-    return delta, weight
-
-
-def common_rows(merged: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """A merged tensor cut to the base's rows: a resized vocabulary's new rows have no base to subtract from, so Δ
-    (like τ extracted with --allow_shape_mismatch) covers the rows both have."""
-    return merged[: base.shape[0]] if merged.dim() and merged.shape[0] > base.shape[0] else merged
 
 
 def check_task_vector_shapes(plan: DeltaPlan, task_vector: CheckpointIndex) -> None:
@@ -166,7 +99,7 @@ def compare_adapter(
         on_tensor(f"{spec.name}: cosine {result.cosine:.6f}, max |τ−Δ| {result.max_abs_diff:.2e}, {result.status}")
     for name in task_vector.names():
         if name not in plan.changes:
-            comparison.task_vector_only[name] = classify_other(name, task_vector, base, merge_dtype, known_status)
+            comparison.task_vector_only[name] = stored_status(name, task_vector, base, merge_dtype, known_status)
     return comparison
 
 
@@ -190,48 +123,11 @@ def check_rounding(
     comparison.ulp_errors.append(ulp_sample(weight, delta, tau, dtype))
 
 
-def rounded_at_dtype(
-    changes: list[Change], weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor
-) -> torch.Tensor | None:
-    """The magnitude of what a merge rounds to its dtype besides W and W + Δ: target_parameters cast Δ first;
-    PiSSA / OLoRA cast the residual W − s·B₀A₀, at most |W| + |s|·|B₀|@|A₀| (within the product magnitude)."""
-    if any(isinstance(c, ParameterPiece) for c in changes):
-        return delta.abs()
-    if any(isinstance(c, LoraTarget) and c.init for c in changes):
-        return weight.double().abs() + magnitude
-    return None
-
-
-def classify_other(
-    name: str,
-    task_vector: CheckpointIndex,
-    base: CheckpointIndex | None,
-    merge_dtype: torch.dtype | None,
-    known_status: dict[str, str] | None,
-) -> str:
-    """zero / rounding_artifact / changed for a tensor the adapter does not touch.
-
-    The extraction's own classification is used when available; otherwise τ is read, and telling a
-    rounding artifact from a change needs the base weights and the merge dtype.
-    """
-    status = (known_status or {}).get(name)
-    if status is not None:
-        return "zero" if status == "unchanged" else status
-    tau = task_vector.read(name)
-    if not torch.count_nonzero(tau):
-        return "zero"
-    if base is None or merge_dtype is None or name not in base:
-        return UNCLASSIFIED
-    if merge_dtype != torch.float32 and is_rounding_artifact_of_delta(base.read(name), tau, merge_dtype):
-        return "rounding_artifact"
-    return "changed"
-
-
 def verdict(comparison: Comparison) -> Verdict:
     """Equivalent when every shared tensor is within tolerance and nothing else changed; else why not."""
     failing = [c for c in comparison.shared if c.status != "match"]
-    changed = [n for n, s in comparison.task_vector_only.items() if s == "changed"]
-    unclassified = [n for n, s in comparison.task_vector_only.items() if s == UNCLASSIFIED]
+    changed = [n for n, s in comparison.task_vector_only.items() if s == TauStatus.CHANGED]
+    unclassified = [n for n, s in comparison.task_vector_only.items() if s == TauStatus.UNCLASSIFIED]
     if not comparison.shared:
         return Verdict(False, "no LoRA-adapted tensor is in the task vector: is it from another model?")
     if failing:

@@ -17,14 +17,12 @@ adds only its square (its first-order part is orthogonal to the residual).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import statistics
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,28 +41,6 @@ LINEAR, CONV1D, EMBEDDING = "linear", "conv1d", "embedding"
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"})
 BLOCK_BYTES = 32 * 1024 * 1024  # rows of τ − BA formed at a time to measure its norm
 ENERGY_SLACK = 1e-12  # float64 sums of σᵢ²: FRACTION 1 keeps every direction holding more than 1e-12 of ‖τ‖²
-
-
-def export_rank(text: str) -> int:
-    """--export_lora's RANK: a positive integer."""
-    try:
-        rank = int(text)
-    except ValueError:
-        rank = 0
-    if rank <= 0:
-        raise argparse.ArgumentTypeError(f"RANK must be a positive integer, not {text!r}")
-    return rank
-
-
-def energy_fraction(text: str) -> float:
-    """--export_lora_energy's FRACTION of ‖τ‖²_F to keep: in (0, 1]."""
-    try:
-        fraction = float(text)
-    except ValueError:
-        fraction = math.nan
-    if not 0 < fraction <= 1:
-        raise argparse.ArgumentTypeError(f"FRACTION must be in (0, 1], not {text!r}")
-    return fraction
 
 
 @dataclass(frozen=True)
@@ -288,43 +264,3 @@ def adapter_config(export: LoraExport, source_config: dict | None, base_model: s
         "modules_to_save": None,
         "inference_mode": True,
     }
-
-
-def export_report(export: LoraExport) -> dict:
-    """analysis.json's export_lora section."""
-    return {
-        "folder": FOLDER,
-        "rank": export.request.rank,
-        "energy": export.request.energy,
-        "seconds": round(export.seconds, 3),
-        "skipped": export.skipped,
-        "tensors": [asdict(t) for t in export.tensors],
-    }
-
-
-def export_findings(export: LoraExport) -> list[str]:
-    """The export's lines in the findings."""
-    tensors = export.tensors
-    ranks = sorted(t.rank for t in tensors)
-    errors = [t.rel_error for t in tensors]
-    if export.request.rank is not None:
-        capped = sum(t.rank < export.request.rank for t in tensors)
-        how = f"rank {export.request.rank}" + (f" (min(m, n) in {capped} smaller tensors)" if capped else "")
-    else:
-        how = (
-            f"the smallest rank keeping {100 * export.request.energy:g}% of each tensor's energy, "
-            f"{ranks[0]}–{ranks[-1]} (median {statistics.median(ranks):g})"
-        )
-    skipped = f"; {len(export.skipped)} skipped" if export.skipped else ""
-    lines = [
-        f"Exported τ as a LoRA ({FOLDER}/, {len(tensors)} modules{skipped}), truncated SVD at {how}: "
-        f"‖τ − BA‖/‖τ‖ median {statistics.median(errors):.2e}, max {max(errors):.2e}; the energy left out, "
-        f"1 − Σ_(i≤k) σᵢ²/‖τ‖², at most {max(0.0, *(1 - t.kept_energy for t in tensors)):.2e} (= error²: Eckart–Young)."
-    ]
-    against_lora = [t.rel_error_lora for t in tensors if t.rel_error_lora is not None]
-    if against_lora:
-        lines.append(
-            f"The exported LoRA against Δ: ‖Δ − BA‖/‖Δ‖ median {statistics.median(against_lora):.2e}, "
-            f"max {max(against_lora):.2e}."
-        )
-    return lines

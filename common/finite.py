@@ -14,11 +14,22 @@ import torch
 
 from common.adapter import Change, LoraAdapter, LoraTarget
 from common.errors import UserError
-from common.precision import all_finite
 from common.safetensors_io import CHUNK_BYTES, CheckpointIndex, iter_row_chunks
-from common.task_vector import Extraction, TensorPair
 
 SHOWN = 3  # tensors named in one line
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or ±inf in a floating tensor (min and max propagate both; no temporary the tensor's size)."""
+    if not tensor.dtype.is_floating_point or tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) and torch.isfinite(high))
+
+
+def json_number(value: object) -> object:
+    """JSON has no NaN or ±inf: a non-finite float becomes null (strict parsers such as jq reject `NaN`)."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 @dataclass(frozen=True)
@@ -117,21 +128,3 @@ def require_finite_delta(
     if counts:
         found = non_finite_inputs(source, changes, adapter, base) or ["overflow in float64"]
         raise UserError(f"adapter {adapter.folder}: the LoRA delta of {name} holds {counts} ({'; '.join(found)})")
-
-
-def non_finite_task_vector_warnings(
-    base: CheckpointIndex, finetuned: CheckpointIndex, pairs: list[TensorPair], extraction: Extraction
-) -> list[str]:
-    """A line per tensor whose τ is not finite (its norm says so), with the NaN and Inf each model holds there."""
-    norms = {t.name: t.norm for t in extraction.tensors}
-    lines = []
-    for pair in pairs:
-        if math.isfinite(norms.get(pair.name, 0.0)):
-            continue
-        counts = {
-            "base": count_in_checkpoint(base, pair.base_name, pair.rows),
-            "finetuned": count_in_checkpoint(finetuned, pair.finetuned_name, pair.rows),
-        }
-        held = ", ".join(f"the {model} model holds {c}" for model, c in counts.items() if c) or "overflow"
-        lines.append(f"warning: τ of {pair.name} is not finite: {held}")
-    return lines

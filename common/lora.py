@@ -1,15 +1,21 @@
-"""The LoRA arithmetic, operation by operation as peft 0.21 performs it (../shared/LORA_MATH.md).
+"""The LoRA arithmetic, operation by operation as peft 0.21 performs it (docs/maths.md), and Δ = merged − base.
 
 Each `apply_*` function takes a base tensor already cast to the output precision (as
 `from_pretrained(dtype=...)` leaves it) and returns what `merge_and_unload()` leaves in its place.
 Adapter tensors in fp16/bf16 are upcast to fp32 first, as peft's `autocast_adapter_dtype` does.
+
+compare and analyze take Δ from the same code: `plan_deltas` lists the tensors the adapter changes (from the
+merge plan when the base is given), `exact_delta` applies the changes in float64 and subtracts the base.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from common.adapter import (
+    KIND_NAMES,
     BiasUpdate,
     Change,
     LoraAdapter,
@@ -18,7 +24,12 @@ from common.adapter import (
     ParameterTarget,
     Replacement,
     TokenRows,
+    names_in_checkpoint,
 )
+from common.errors import UserError
+from common.finite import require_finite_delta
+from common.merge_plan import plan_merge
+from common.safetensors_io import CheckpointIndex, TensorSpec
 
 
 def adapter_dtype(tensor: torch.Tensor) -> torch.Tensor:
@@ -240,3 +251,78 @@ def apply_token_rows(weight: torch.Tensor, change: TokenRows, adapter: LoraAdapt
     rows = adapter.read(change.key).to(weight)
     index = torch.tensor(change.indices, device=weight.device)
     return weight.index_copy(0, index, rows)
+
+
+@dataclass(frozen=True)
+class DeltaPlan:
+    """The LoRA deltas to compute: their shapes, and for each the base tensor and changes it comes from."""
+
+    specs: list[TensorSpec]
+    sources: dict[str, str]
+    changes: dict[str, list[Change]]
+
+
+def plan_deltas(
+    adapter: LoraAdapter, base: CheckpointIndex | None, config: dict, task_vector_names: set[str]
+) -> DeltaPlan:
+    """Every tensor the adapter changes (a tied head included, as the merge treats it), with its shape."""
+    if base is not None:
+        plan = plan_merge(base, adapter, torch.float32, config)
+        specs = [_delta_spec(s, base.info(plan.sources[s.name]).shape) for s in plan.specs if s.name in plan.changes]
+        return DeltaPlan(specs, plan.sources, {s.name: plan.changes[s.name] for s in specs})
+    needs_base = [c for cs in adapter.changes.values() for c in cs if not is_base_free(c)]
+    if needs_base:
+        kinds = sorted({_needs_base_kind(c) for c in needs_base})
+        raise UserError(
+            f"adapter {adapter.folder} holds {', '.join(kinds)} ({len(needs_base)} tensors): the change they make "
+            "depends on the base weights, so pass --base_model"
+        )
+    changes = names_in_checkpoint(adapter.changes, task_vector_names)
+    specs = [TensorSpec(n, torch.float32, adapter.expected_shape(cs[0])) for n, cs in changes.items()]
+    return DeltaPlan(specs, {s.name: s.name for s in specs}, changes)
+
+
+def _delta_spec(merged: TensorSpec, base_shape: tuple[int, ...]) -> TensorSpec:
+    """Δ's shape: the merged tensor's, cut to the base's rows where a resized vocabulary added some."""
+    if merged.shape and base_shape and merged.shape[0] > base_shape[0]:
+        return TensorSpec(merged.name, merged.dtype, (base_shape[0], *merged.shape[1:]))
+    return merged
+
+
+def _needs_base_kind(change: Change) -> str:
+    if isinstance(change, LoraTarget):
+        return f"{change.init.upper()}-initialised LoRA updates" if change.init else "DoRA magnitudes"
+    return KIND_NAMES[type(change)]
+
+
+def exact_delta(
+    name: str, plan: DeltaPlan, adapter: LoraAdapter, base: CheckpointIndex | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Δ in float64 (and the base tensor when there is one): merged − base, computed as the merge does."""
+    changes = plan.changes[name]
+    if base is None:
+        delta, weight = sum(base_free_delta(c, adapter, device) for c in changes), None
+    else:
+        weight = base.read(plan.sources[name]).to(device)
+        exact = weight.double()
+        delta = common_rows(apply_changes(exact.clone(), changes, adapter, torch.float64), exact) - exact
+    require_finite_delta(delta, name, plan.sources[name], changes, adapter, base)
+    return delta, weight
+
+
+def common_rows(merged: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """A merged tensor cut to the base's rows: a resized vocabulary's new rows have no base to subtract from, so Δ
+    (like τ extracted with --allow_shape_mismatch) covers the rows both have."""
+    return merged[: base.shape[0]] if merged.dim() and merged.shape[0] > base.shape[0] else merged
+
+
+def rounded_at_dtype(
+    changes: list[Change], weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor
+) -> torch.Tensor | None:
+    """The magnitude of what a merge rounds to its dtype besides W and W + Δ: target_parameters cast Δ first;
+    PiSSA / OLoRA cast the residual W − s·B₀A₀, at most |W| + |s|·|B₀|@|A₀| (within the product magnitude)."""
+    if any(isinstance(c, ParameterPiece) for c in changes):
+        return delta.abs()
+    if any(isinstance(c, LoraTarget) and c.init for c in changes):
+        return weight.double().abs() + magnitude
+    return None

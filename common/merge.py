@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,12 +24,11 @@ from pathlib import Path
 
 import torch
 
-from common.adapter import ORDER, Change, LoraAdapter, Replacement, TokenRows, names_in_checkpoint
-from common.adapter_fit import fit_adapter
-from common.finite import non_finite_merge
+from common.adapter import Change, LoraAdapter
+from common.finite import all_finite, non_finite_merge
 from common.lora import apply_changes
-from common.model_layout import HEAD, kept_in_fp32, tied_embedding
-from common.precision import all_finite, short_name
+from common.merge_plan import plan_merge
+from common.precision import short_name
 from common.safetensors_io import CHUNK_BYTES, CheckpointIndex, Scratch, ShardedWriter, TensorSpec, iter_row_chunks
 
 log = logging.getLogger("lora_tv")
@@ -48,17 +46,6 @@ TOKENIZER_FILES = (
 
 
 @dataclass
-class MergePlan:
-    """What to write: every output tensor, the base tensor it starts from, and the changes it gets."""
-
-    specs: list[TensorSpec]
-    sources: dict[str, str]  # output name -> base tensor name
-    changes: dict[str, list[Change]]
-    untied: bool = False
-    vocabulary: tuple[int, int] | None = None  # rows before and after, when the adapter resizes the vocabulary
-
-
-@dataclass
 class MergeSummary:
     tensors: int = 0
     changed: list[str] = field(default_factory=list)
@@ -66,72 +53,6 @@ class MergeSummary:
     files: list[str] = field(default_factory=list)
     untied: bool = False
     vocabulary: tuple[int, int] | None = None
-
-
-def merged_dtype(name: str, stored: torch.dtype, precision: torch.dtype, kept_fp32: re.Pattern | None) -> torch.dtype:
-    """Floating tensors take the output precision, but for those the model class keeps in fp32 (see
-    `kept_in_fp32`); integer and bool buffers keep their dtype."""
-    if not stored.is_floating_point:
-        return stored
-    return torch.float32 if kept_fp32 is not None and kept_fp32.search(name) else precision
-
-
-def plan_merge(base: CheckpointIndex, adapter: LoraAdapter, precision: torch.dtype, config: dict) -> MergePlan:
-    """Match the adapter's changes to base tensors (by name and shape), untying a tied head if needed.
-
-    Tensors come in the base's order, except that the checkpoint tensors holding one adapted parameter (a stack of
-    experts) come one after the other: its Δ is computed once, whole, and cut into them.
-    """
-    embedding = tied_embedding(base, config)
-    shapes = base.shapes()
-    changes = names_in_checkpoint(adapter.changes, set(shapes))
-    if embedding is not None:
-        shapes[HEAD] = shapes[embedding]
-        changes = _tied_changes(changes, embedding)
-    fit = fit_adapter(
-        adapter, changes, shapes, f"base model {base.source}", base.source if base.source.is_dir() else None
-    )
-    changes = fit.changes
-    sources = {name: name for name in _grouped(base.names(), fit.groups)}
-    untied = embedding is not None and changes.get(HEAD, []) != changes.get(embedding, [])
-    if untied:
-        sources[HEAD] = embedding
-    elif embedding is not None:
-        changes.pop(HEAD, None)  # still tied: the head is the embedding, written once
-    kept_fp32 = kept_in_fp32(config, precision)
-    specs = [
-        TensorSpec(out, merged_dtype(out, base.info(src).dtype, precision, kept_fp32), fit.shapes[out])
-        for out, src in sources.items()
-    ]
-    return MergePlan(specs=specs, sources=sources, changes=changes, untied=untied, vocabulary=fit.vocabulary)
-
-
-def _grouped(names: list[str], groups: list[list[str]]) -> list[str]:
-    """`names` in order, each group's members moved up to where its first member is."""
-    group_of = {name: group for group in groups for name in group}
-    ordered, placed = [], set()
-    for name in names:
-        if name not in placed:
-            members = [n for n in names if n in group_of[name]] if name in group_of else [name]
-            ordered += members
-            placed.update(members)
-    return ordered
-
-
-def _tied_changes(changes: dict[str, list[Change]], embedding: str) -> dict[str, list[Change]]:
-    """Changes to the shared parameter itself (a reloaded base layer, trainable tokens) reach both names."""
-
-    def shared(change: Change) -> bool:
-        return isinstance(change, TokenRows) or (isinstance(change, Replacement) and change.shared)
-
-    both = [c for name in (HEAD, embedding) for c in changes.get(name, []) if shared(c)]
-    tied = dict(changes)
-    for name in (HEAD, embedding):
-        own = [c for c in changes.get(name, []) if not shared(c)]
-        merged = sorted(both + own, key=lambda c: ORDER[type(c)])
-        if merged:
-            tied[name] = merged
-    return tied
 
 
 def merge_checkpoint(
@@ -147,12 +68,10 @@ def merge_checkpoint(
 ) -> MergeSummary:
     """Write the merged weights of every base tensor into `out_dir` as safetensors shards."""
     plan = plan_merge(base, adapter, precision, config)
-    writer = ShardedWriter(out_dir, plan.specs, max_shard_bytes, {"format": "pt"})
-    summary = MergeSummary(
-        tensors=len(plan.specs), files=[f for f, _ in writer.shards], untied=plan.untied, vocabulary=plan.vocabulary
-    )
     scratch = Scratch(pinned=device.type == "cuda"), Scratch()
-    try:
+    with ShardedWriter(out_dir, plan.specs, max_shard_bytes, {"format": "pt"}) as writer:
+        files = [f for f, _ in writer.shards]
+        summary = MergeSummary(len(plan.specs), files=files, untied=plan.untied, vocabulary=plan.vocabulary)
         for spec in plan.specs:
             changes = plan.changes.get(spec.name, [])
             source = plan.sources[spec.name]
@@ -165,10 +84,6 @@ def merge_checkpoint(
                 summary.non_finite.append(spec.name)
             writer.tensor_done(spec.name)
             on_tensor(spec.name, spec.nbytes)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
     if summary.non_finite:
         raise non_finite_merge(summary.non_finite, short_name(precision), plan.sources, plan.changes, adapter, base)
     return summary

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import glob
 import logging
+import os
 import shutil
 import signal
 import tempfile
@@ -66,14 +67,38 @@ def staged_output_dir(output_dir: Path) -> Iterator[Path]:
 
 def move_into_place(staging: Path, output_dir: Path) -> None:
     """Rename the finished folder to `output_dir`. An old output (--overwrite) is first renamed aside and removed
-    after, so at every instant `output_dir` is either absent or a complete output, never a mix."""
+    after, so at every instant `output_dir` is either absent or a complete output, never a mix. The files are on
+    disk before the rename and the rename is before the function returns (fsync), so a power loss leaves the old
+    output or the new one too."""
+    sync_tree(staging)
     if not output_dir.exists():
         staging.rename(output_dir)
-        return
-    replaced = staging.with_name(staging.name.replace(".partial-", ".replaced-", 1))
-    output_dir.rename(replaced)
-    staging.rename(output_dir)
-    shutil.rmtree(replaced)
+    else:
+        replaced = staging.with_name(staging.name.replace(".partial-", ".replaced-", 1))
+        output_dir.rename(replaced)
+        staging.rename(output_dir)
+        shutil.rmtree(replaced)
+    sync_path(output_dir.parent)
+
+
+def sync_tree(folder: Path) -> None:
+    """fsync every file below `folder`, then every folder (their entries), deepest first."""
+    paths = sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True)
+    for path in paths:
+        if path.is_file() and not path.is_symlink():
+            sync_path(path)
+    for path in [*paths, folder]:
+        if path.is_dir() and not path.is_symlink():
+            sync_path(path)
+
+
+def sync_path(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

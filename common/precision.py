@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from common.errors import UserError
@@ -48,16 +46,3 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     info = torch.finfo(dtype)
     _, exponent = torch.frexp(x.abs().double().clamp_min(info.smallest_normal))  # |x| = m·2^e, m in [½, 1)
     return torch.ldexp(torch.full_like(exponent, info.eps, dtype=torch.float64), exponent - 1)
-
-
-def all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or ±inf in a floating tensor (min and max propagate both; no temporary the tensor's size)."""
-    if not tensor.dtype.is_floating_point or tensor.numel() == 0:
-        return True
-    low, high = torch.aminmax(tensor)
-    return bool(torch.isfinite(low) and torch.isfinite(high))
-
-
-def json_number(value: object) -> object:
-    """JSON has no NaN or ±inf: a non-finite float becomes null (strict parsers such as jq reject `NaN`)."""
-    return None if isinstance(value, float) and not math.isfinite(value) else value

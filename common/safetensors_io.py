@@ -23,23 +23,26 @@ import torch
 
 from common.errors import UserError
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U64": torch.uint64,
-    "U32": torch.uint32,
-    "U16": torch.uint16,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+# safetensors' dtype names; those this torch lacks (uint16/32/64 came in torch 2.3) are left out, and a file
+# holding one is refused as an unknown dtype.
+_DTYPE_NAMES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
+    "U8": "uint8",
+    "BOOL": "bool",
 }
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, t) for name, t in _DTYPE_NAMES.items() if hasattr(torch, t)}
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 INDEX_FILE = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -354,6 +357,8 @@ class SafetensorsWriter:
         self._remaining = [(s.name, s.nbytes, s.dtype) for s in reversed(specs)]
         header = safetensors_header(specs, metadata)
         self._header_size = len(header)
+        self._current: str | None = None  # the tensor being written, its declared dtype, and bytes still due
+        self._dtype: torch.dtype | None = None
         self._left_in_tensor = 0
         self._ends_in_hole = False
         self._tensor_start = self._header_size
@@ -422,7 +427,7 @@ class SafetensorsWriter:
 
     def discard(self, name: str) -> None:
         """Leave out the tensor whose bytes were just written in full."""
-        if self._left_in_tensor or getattr(self, "_current", None) != name:
+        if self._left_in_tensor or self._current != name:
             raise RuntimeError(f"only the tensor just completed can be discarded, not {name!r}")
         with self._aborting_on_error():
             self._file.seek(self._tensor_start)
@@ -499,7 +504,8 @@ class ShardedWriter:
     """Writes tensors in declared order across `<stem>-0000i-of-0000N.safetensors` shards plus the index.
 
     With a single shard the file is plain `<stem>.safetensors` and no index is written, as
-    `save_pretrained` does.
+    `save_pretrained` does. Used as a context manager: closed when the block ends, aborted (the shard being
+    written removed) when it raises.
     """
 
     def __init__(
@@ -555,6 +561,15 @@ class ShardedWriter:
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
+
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def plan_shards(

@@ -11,20 +11,74 @@ Every tensor is classified without thresholds:
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import torch
 
 from common.errors import UserError
+from common.finite import count_in_checkpoint, json_number
 from common.model_layout import HEAD, tied_embedding
-from common.precision import json_number, short_name
+from common.precision import is_rounding_artifact_of_delta, short_name
 from common.safetensors_io import CHUNK_BYTES, CheckpointIndex, Scratch, ShardedWriter, TensorSpec, iter_row_chunks
 
 STATS_FILE = "task_vector_stats.json"
-STATUSES = ("changed", "rounding_artifact", "unchanged")
+
+
+class TauStatus(str, Enum):  # noqa: UP042 (enum.StrEnum needs Python 3.11; 3.10 is supported)
+    """What τ of one tensor holds: the one vocabulary of task_vector_stats.json, comparison_report.json and
+    analysis.json."""
+
+    CHANGED = "changed"  # non-zero, beyond what rounding the base to the finetuned dtype explains
+    ROUNDING_ARTIFACT = "rounding_artifact"  # finetuned == base cast to the finetuned dtype, bit for bit
+    UNCHANGED = "unchanged"  # τ is exactly zero
+    UNCLASSIFIED = "unclassified"  # non-zero, with neither the base nor the extraction's stats to tell which
+
+
+def task_vector(
+    finetuned: torch.Tensor, base: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """τ = W_finetuned − W_base (Ilharco et al. 2023), in `dtype`: both upcast exactly, one rounding in the
+    subtraction. `out`, when given, is a buffer of τ's shape and dtype to reuse."""
+    if out is None:
+        return finetuned.to(dtype) - base.to(dtype)
+    if finetuned.dtype == base.dtype == dtype:
+        return torch.sub(finetuned, base, out=out)
+    return out.copy_(finetuned).sub_(base)  # the base is upcast exactly inside the subtraction
+
+
+def tensor_status(non_zero: int, beyond_rounding: int, dtype_changed: bool) -> TauStatus:
+    """A tensor's status from its counts: zero everywhere, or non-zero only where the base was rounded."""
+    if non_zero == 0:
+        return TauStatus.UNCHANGED
+    if beyond_rounding == 0 and dtype_changed:
+        return TauStatus.ROUNDING_ARTIFACT
+    return TauStatus.CHANGED
+
+
+def stored_status(
+    name: str,
+    tau_file: CheckpointIndex,
+    base: CheckpointIndex | None,
+    merge_dtype: torch.dtype | None,
+    known: dict[str, str] | None,
+) -> TauStatus:
+    """The status of a tensor of a τ file: the extraction's own (`known`, from task_vector_stats.json) when there
+    is one, else read off τ; telling a rounding artifact from a change then needs the base and the merge dtype."""
+    if (known or {}).get(name) is not None:
+        return TauStatus(known[name])
+    tau = tau_file.read(name)
+    if not torch.count_nonzero(tau):
+        return TauStatus.UNCHANGED
+    if base is None or merge_dtype is None or name not in base:
+        return TauStatus.UNCLASSIFIED
+    if merge_dtype != torch.float32 and is_rounding_artifact_of_delta(base.read(name), tau, merge_dtype):
+        return TauStatus.ROUNDING_ARTIFACT
+    return TauStatus.CHANGED
 
 
 @dataclass(frozen=True)
@@ -42,7 +96,7 @@ class TensorStats:
     """What the task vector of one tensor holds."""
 
     name: str
-    status: str
+    status: TauStatus
     shape: list[int]
     base_dtype: str
     finetuned_dtype: str
@@ -68,7 +122,8 @@ class Extraction:
 
     def counts(self) -> dict[str, int]:
         counted = Counter(t.status for t in self.tensors)
-        return {status: counted.get(status, 0) for status in STATUSES}
+        statuses = (TauStatus.CHANGED, TauStatus.ROUNDING_ARTIFACT, TauStatus.UNCHANGED)
+        return {status.value: counted.get(status, 0) for status in statuses}
 
     def summary_line(self) -> str:
         c = self.counts()
@@ -184,7 +239,7 @@ def extract_task_vector(
     buffers = ChunkBuffers(device)
     for pair, spec in zip(pairs, task_vector_specs(base, pairs, compute_dtype), strict=True):
         stats = task_vector_tensor(base, finetuned, pair, spec, buffers, chunk_bytes, writer)
-        if skip_unchanged and stats.status == "unchanged":
+        if skip_unchanged and stats.status == TauStatus.UNCHANGED:
             writer.discard(pair.name)
             stats.skipped = True
         writer.tensor_done(pair.name)
@@ -201,15 +256,12 @@ class ChunkBuffers:
         self.base, self.finetuned = Scratch(device.type == "cuda"), Scratch(device.type == "cuda")
         self.tau = Scratch()
 
-    def difference(self, w_finetuned: torch.Tensor, w_base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """finetuned.to(dtype) − base.to(dtype), exactly (both upcast before the one rounding subtraction)."""
+    def task_vector(self, w_finetuned: torch.Tensor, w_base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """τ of one chunk (`task_vector`): on the device, or on the CPU into the reused buffer."""
         if self.device.type != "cpu":
             w_finetuned, w_base = (w.to(self.device, non_blocking=True) for w in (w_finetuned, w_base))
-            return w_finetuned.to(dtype) - w_base.to(dtype)
-        tau = self.tau.take(tuple(w_base.shape), dtype)
-        if w_finetuned.dtype == w_base.dtype == dtype:
-            return torch.sub(w_finetuned, w_base, out=tau)
-        return tau.copy_(w_finetuned).sub_(w_base)  # the base is upcast exactly inside the subtraction
+            return task_vector(w_finetuned, w_base, dtype)
+        return task_vector(w_finetuned, w_base, dtype, out=self.tau.take(tuple(w_base.shape), dtype))
 
 
 @dataclass
@@ -253,20 +305,14 @@ def task_vector_tensor(
     for start, stop in iter_row_chunks(spec.shape, spec.dtype, chunk_bytes):
         w_base = base.read_rows(pair.base_name, start, stop, buffers.base)
         w_finetuned = finetuned.read_rows(pair.finetuned_name, start, stop, buffers.finetuned)
-        tau = buffers.difference(w_finetuned, w_base, spec.dtype)
+        tau = buffers.task_vector(w_finetuned, w_base, spec.dtype)
         if running.add(tau, w_finetuned, w_base) == 0 and not torch.count_nonzero(_bits(tau)):
             writer.write_zeros(pair.name, spec.dtype, tau.numel() * tau.element_size())
         else:
             writer.write(pair.name, tau)
-    if running.changed == 0:
-        status = "unchanged"
-    elif running.beyond == 0 and f_dtype != b_dtype:
-        status = "rounding_artifact"
-    else:
-        status = "changed"
     return TensorStats(
         name=pair.name,
-        status=status,
+        status=tensor_status(running.changed, running.beyond, f_dtype != b_dtype),
         shape=list(spec.shape),
         base_dtype=short_name(b_dtype),
         finetuned_dtype=short_name(f_dtype),
@@ -317,3 +363,21 @@ def read_stats(path: Path) -> dict[str, str]:
         return {t["name"]: t["status"] for t in json.loads(path.read_text())["tensors"]}
     except (ValueError, RecursionError, KeyError, TypeError) as e:  # ValueError: invalid JSON or UTF-8
         raise UserError(f"{path}: not a task_vector_stats.json ({e})") from None
+
+
+def non_finite_task_vector_warnings(
+    base: CheckpointIndex, finetuned: CheckpointIndex, pairs: list[TensorPair], extraction: Extraction
+) -> list[str]:
+    """A line per tensor whose τ is not finite (its norm says so), with the NaN and Inf each model holds there."""
+    norms = {t.name: t.norm for t in extraction.tensors}
+    lines = []
+    for pair in pairs:
+        if math.isfinite(norms.get(pair.name, 0.0)):
+            continue
+        counts = {
+            "base": count_in_checkpoint(base, pair.base_name, pair.rows),
+            "finetuned": count_in_checkpoint(finetuned, pair.finetuned_name, pair.rows),
+        }
+        held = ", ".join(f"the {model} model holds {c}" for model, c in counts.items() if c) or "overflow"
+        lines.append(f"warning: τ of {pair.name} is not finite: {held}")
+    return lines

@@ -29,6 +29,26 @@ def run_script(script: str, *args: object, env: dict | None = None) -> subproces
     )
 
 
+def run_in_process(main, *args: object) -> tuple[int, str, str]:
+    """A script's main run as its `__main__` runs it (`common.cli.run`: user errors become one line on stderr and
+    exit code 2), in this process: (exit code, stdout, stderr). The signal handlers it installs are put back."""
+    import contextlib
+    import io
+    import signal
+
+    from common.cli import run
+
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_:
+            run(main, [str(a) for a in args])
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    return exit_.value.code, out.getvalue(), err.getvalue()
+
+
 def run_merge(base: Path, adapter: Path, out: Path, *extra: object) -> subprocess.CompletedProcess:
     """merge_lora.py as the README runs it, asserting success."""
     result = run_script("merge_lora.py", "--base_model", base, "--lora_path", adapter, "--output_dir", out, *extra)

@@ -132,4 +132,4 @@ def test_analyze_skips_vectors_and_uses_the_extraction_stats(tiny, adapters, tmp
     assert sorted(summary["not_matrices"]) == [
         f"model.layers.{i}.self_attn.{m}.bias" for i in (0, 1) for m in ("q_proj", "v_proj")
     ]
-    assert summary["task_vector_only_zero"] == 35 - 8 and summary["task_vector_only_nonzero"] == []
+    assert summary["task_vector_only_unchanged"] == 35 - 8 and summary["task_vector_only_nonzero"] == []

@@ -23,10 +23,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from common.adapter import CONFIG_FILE, LoraAdapter
-from common.compare import plan_deltas
 from common.errors import UserError
-from common.lora import apply_changes
-from common.merge import plan_merge
+from common.lora import apply_changes, plan_deltas
+from common.merge_plan import plan_merge
 from common.model_layout import read_config
 from common.safetensors_io import DTYPES, CheckpointIndex, iter_row_chunks, read_header
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.precision import all_finite
+from common.finite import all_finite
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])

@@ -1,5 +1,8 @@
-"""Does an adapter fit a base checkpoint? Names, shapes, a resized vocabulary, the checkpoint tensors that hold a
-`target_parameters` parameter — and, when it does not fit, the real reason.
+"""The merge plan: every output tensor, the base tensor it starts from, the changes it gets, its shape and dtype.
+
+`plan_merge` fits the adapter to the base checkpoint (`fit_adapter`): names, shapes, a tied output head, a
+resized vocabulary, the checkpoint tensors that hold a `target_parameters` parameter — or says the real reason it
+does not fit. compare and analyze plan their Δ from the same plan (common/lora.py: `plan_deltas`).
 
 `fit_adapter` takes the adapter's changes by tensor name and the checkpoint's shapes, and returns the changes
 keyed by the checkpoint's own tensors with every tensor's shape after the merge:
@@ -11,8 +14,11 @@ keyed by the checkpoint's own tensors with every tensor's shape after the merge:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from common.adapter import (
     ORDER,
@@ -24,9 +30,11 @@ from common.adapter import (
     ParameterTarget,
     Replacement,
     TokenRows,
+    names_in_checkpoint,
 )
 from common.errors import UserError
-from common.model_layout import EMBEDDING_SUFFIXES
+from common.model_layout import EMBEDDING_SUFFIXES, HEAD, kept_in_fp32, tied_embedding
+from common.safetensors_io import CheckpointIndex, TensorSpec
 
 HEAD_SUFFIXES = ("lm_head.weight", "lm_head.bias", "embed_out.weight", "embed_out.bias")
 VOCABULARY_SUFFIXES = EMBEDDING_SUFFIXES + HEAD_SUFFIXES
@@ -41,6 +49,83 @@ class Fit:
     shapes: dict[str, tuple[int, ...]]
     vocabulary: tuple[int, int] | None = None  # rows before and after, when the adapter resizes the vocabulary
     groups: list[list[str]] = field(default_factory=list)  # the checkpoint tensors of one adapted parameter
+
+
+@dataclass
+class MergePlan:
+    """What to write: every output tensor, the base tensor it starts from, and the changes it gets."""
+
+    specs: list[TensorSpec]
+    sources: dict[str, str]  # output name -> base tensor name
+    changes: dict[str, list[Change]]
+    untied: bool = False
+    vocabulary: tuple[int, int] | None = None  # rows before and after, when the adapter resizes the vocabulary
+
+
+def merged_dtype(name: str, stored: torch.dtype, precision: torch.dtype, kept_fp32: re.Pattern | None) -> torch.dtype:
+    """Floating tensors take the output precision, but for those the model class keeps in fp32 (see
+    `kept_in_fp32`); integer and bool buffers keep their dtype."""
+    if not stored.is_floating_point:
+        return stored
+    return torch.float32 if kept_fp32 is not None and kept_fp32.search(name) else precision
+
+
+def plan_merge(base: CheckpointIndex, adapter: LoraAdapter, precision: torch.dtype, config: dict) -> MergePlan:
+    """Match the adapter's changes to base tensors (by name and shape), untying a tied head if needed.
+
+    Tensors come in the base's order, except that the checkpoint tensors holding one adapted parameter (a stack of
+    experts) come one after the other: its Δ is computed once, whole, and cut into them.
+    """
+    embedding = tied_embedding(base, config)
+    shapes = base.shapes()
+    changes = names_in_checkpoint(adapter.changes, set(shapes))
+    if embedding is not None:
+        shapes[HEAD] = shapes[embedding]
+        changes = _tied_changes(changes, embedding)
+    fit = fit_adapter(
+        adapter, changes, shapes, f"base model {base.source}", base.source if base.source.is_dir() else None
+    )
+    changes = fit.changes
+    sources = {name: name for name in _grouped(base.names(), fit.groups)}
+    untied = embedding is not None and changes.get(HEAD, []) != changes.get(embedding, [])
+    if untied:
+        sources[HEAD] = embedding
+    elif embedding is not None:
+        changes.pop(HEAD, None)  # still tied: the head is the embedding, written once
+    kept_fp32 = kept_in_fp32(config, precision)
+    specs = [
+        TensorSpec(out, merged_dtype(out, base.info(src).dtype, precision, kept_fp32), fit.shapes[out])
+        for out, src in sources.items()
+    ]
+    return MergePlan(specs=specs, sources=sources, changes=changes, untied=untied, vocabulary=fit.vocabulary)
+
+
+def _grouped(names: list[str], groups: list[list[str]]) -> list[str]:
+    """`names` in order, each group's members moved up to where its first member is."""
+    group_of = {name: group for group in groups for name in group}
+    ordered, placed = [], set()
+    for name in names:
+        if name not in placed:
+            members = [n for n in names if n in group_of[name]] if name in group_of else [name]
+            ordered += members
+            placed.update(members)
+    return ordered
+
+
+def _tied_changes(changes: dict[str, list[Change]], embedding: str) -> dict[str, list[Change]]:
+    """Changes to the shared parameter itself (a reloaded base layer, trainable tokens) reach both names."""
+
+    def shared(change: Change) -> bool:
+        return isinstance(change, TokenRows) or (isinstance(change, Replacement) and change.shared)
+
+    both = [c for name in (HEAD, embedding) for c in changes.get(name, []) if shared(c)]
+    tied = dict(changes)
+    for name in (HEAD, embedding):
+        own = [c for c in changes.get(name, []) if not shared(c)]
+        merged = sorted(both + own, key=lambda c: ORDER[type(c)])
+        if merged:
+            tied[name] = merged
+    return tied
 
 
 def fit_adapter(

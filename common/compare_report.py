@@ -1,4 +1,4 @@
-"""Reports users read and script against: compare's JSON / CSV / console block (schema in README.md)."""
+"""compare's reports: comparison_report.json / .csv and the console block (the schema is in docs/reports.md)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from common.compare import Comparison, Verdict
+from common.finite import json_number
 from common.metrics import PERFECT_COSINE
-from common.precision import json_number, short_name
+from common.precision import short_name
+from common.task_vector import TauStatus
 
 REPORT_FIELDS = ["name", "status", "cosine", "max_abs_diff", "rel_error", "norm_lora", "norm_task_vector"]
 EXTRA_FIELDS = ["scale", "max_diff_ulps", "within_rounding", "reproduces_merge"]
@@ -22,10 +24,10 @@ def comparison_summary(comparison: Comparison, verdict: Verdict) -> dict:
         "shared": len(shared),
         "lora_only": len(comparison.lora_only),
         "task_vector_only": len(comparison.task_vector_only),
-        "task_vector_only_zero": comparison.only_count("zero"),
-        "artifacts": comparison.only_count("rounding_artifact"),
-        "task_vector_only_changed": comparison.only_count("changed"),
-        "task_vector_only_unclassified": comparison.only_count("unclassified"),
+        "task_vector_only_unchanged": comparison.only_count(TauStatus.UNCHANGED),
+        "artifacts": comparison.only_count(TauStatus.ROUNDING_ARTIFACT),
+        "task_vector_only_changed": comparison.only_count(TauStatus.CHANGED),
+        "task_vector_only_unclassified": comparison.only_count(TauStatus.UNCLASSIFIED),
         "mean_cosine": sum(cosines) / len(cosines) if cosines else None,
         "min_cosine": min(cosines) if cosines else None,
         "max_abs_diff": max((c.max_abs_diff for c in shared), default=None),
@@ -42,7 +44,7 @@ def tensor_rows(comparison: Comparison) -> list[dict]:
     rows = [{k: json_number(v) for k, v in asdict(c).items()} for c in comparison.shared]
     empty = dict.fromkeys(REPORT_FIELDS[2:] + EXTRA_FIELDS)
     rows += [{**empty, "name": n, "status": "lora_only"} for n in comparison.lora_only]
-    rows += [{**empty, "name": n, "status": s} for n, s in comparison.task_vector_only.items()]
+    rows += [{**empty, "name": n, "status": s.value} for n, s in comparison.task_vector_only.items()]
     return [{k: row[k] for k in REPORT_FIELDS + EXTRA_FIELDS} for row in rows]
 
 
@@ -67,7 +69,8 @@ def console_block(summary: dict) -> str:
             f"({100 * summary['perfect_matches'] / n:.1f}%)",
         ]
     lines.append(
-        f"   Task-vector-only tensors: {summary['task_vector_only']} ({summary['task_vector_only_zero']} zero, "
+        f"   Task-vector-only tensors: {summary['task_vector_only']} "
+        f"({summary['task_vector_only_unchanged']} unchanged, "
         f"{summary['artifacts']} rounding artifacts, {summary['task_vector_only_changed']} changed"
         + (
             f", {summary['task_vector_only_unclassified']} unclassified)"
@@ -78,43 +81,3 @@ def console_block(summary: dict) -> str:
     lines.append(f"   LoRA-only tensors (missing from the task vector): {summary['lora_only']}")
     outcome = "VALIDATION SUCCESSFUL" if summary["equivalent"] else "VALIDATION FAILED"
     return "\n".join(lines + ["", f"{outcome}: {summary['reason']}"])
-
-
-def analysis_markdown(report: dict, plots: list[str]) -> str:
-    """report.md: findings, the per-module table, the plots, then every tensor."""
-    summary = report["summary"]
-    lines = ["# LoRA delta Δ vs task vector τ: mathematical analysis", "", "## Findings", ""]
-    lines += [f"- {line}" for line in summary["findings"]]
-    lines += ["", "## By module type", "", "| module | tensors | median ‖τ−Δ‖/‖Δ‖ | max angle (°) | ranks of τ |"]
-    lines.append("|---|---|---|---|---|")
-    for module, row in report["by_module"].items():
-        lines.append(
-            f"| {module} | {row['tensors']} | {row['median_rel_error']:.2e} | "
-            f"{row['max_principal_angle_deg']:.2e} | {', '.join(map(str, row['ranks_task_vector']))} |"
-        )
-    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
-    lines += ["", "## Tensors", "", "| tensor | rank Δ | rank τ | cosine | ‖τ−Δ‖/‖Δ‖ | angle (°) | σ_(r+1)/σ₁ |"]
-    lines.append("|---|---|---|---|---|---|---|")
-    for t in report["tensors"]:
-        lines.append(
-            f"| {t['name']} | {t['rank_lora']} | {t['rank_task_vector']} | {t['cosine']:.6f} | "
-            f"{t['rel_error']:.2e} | {t['principal_angle_deg']:.2e} | {t['sigma_tail_ratio']:.2e} |"
-        )
-    if "export_lora" in report:
-        lines += export_markdown(report["export_lora"])
-    return "\n".join(lines) + "\n"
-
-
-def export_markdown(export: dict) -> list[str]:
-    """report.md's table of the exported LoRA: rank, kept energy and errors per tensor."""
-    lines = ["", f"## Exported LoRA ({export['folder']}/)", ""]
-    if export["skipped"]:
-        lines += [f"- {name}: skipped, {reason}" for name, reason in export["skipped"].items()] + [""]
-    lines += ["| tensor | layout | rank | kept energy | ‖τ−BA‖/‖τ‖ | ‖Δ−BA‖/‖Δ‖ |", "|---|---|---|---|---|---|"]
-    for t in export["tensors"]:
-        against_lora = "–" if t["rel_error_lora"] is None else f"{t['rel_error_lora']:.2e}"
-        lines.append(
-            f"| {t['name']} | {t['layout']} | {t['rank']} | {t['kept_energy']:.9f} | {t['rel_error']:.2e} | "
-            f"{against_lora} |"
-        )
-    return lines

@@ -1,0 +1,229 @@
+"""analyze's reports: analysis.json (summary, findings, aggregates, per tensor, the LoRA export) and report.md.
+
+Every sentence of the findings is computed from a number that analysis.json also holds; the schema is in
+docs/reports.md.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict
+
+from common.analysis import Analysis
+from common.export import FOLDER, LoraExport
+from common.spectra import TensorSpectrum
+
+
+def aggregate(spectra: list[TensorSpectrum], key: Callable[[TensorSpectrum], object]) -> dict[str, dict]:
+    """Medians and extremes of the main per-tensor figures, grouped by `key` (module type or layer)."""
+    groups: dict[str, list[TensorSpectrum]] = defaultdict(list)
+    for s in spectra:
+        groups[str(key(s))].append(s)
+    return {
+        group: {
+            "tensors": len(items),
+            "median_rel_error": statistics.median(s.rel_error for s in items),
+            "max_rel_error": max(s.rel_error for s in items),
+            "max_principal_angle_deg": max(s.principal_angle_deg for s in items),
+            "median_norm_lora": statistics.median(s.norm_lora for s in items),
+            "min_energy_in_lora_rank": min(s.energy_in_lora_rank for s in items),
+            "ranks_task_vector": sorted({s.rank_task_vector for s in items}),
+            "median_effective_rank_lora": statistics.median(s.effective_rank_lora for s in items),
+            "max_residual_ulps": max(
+                (s.residual_max_ulps for s in items if s.residual_max_ulps is not None), default=None
+            ),
+        }
+        for group, items in sorted(groups.items())
+    }
+
+
+def findings(analysis: Analysis) -> list[str]:
+    """The report's conclusions, in plain language, from the numbers alone."""
+    spectra = analysis.tensors
+    lines = rank_findings(analysis) + subspace_findings(spectra)
+    lines += base_findings(analysis)
+    others = len(analysis.task_vector_only_nonzero)
+    lines.append(
+        f"Tensors in τ that the adapter does not touch: {others + analysis.task_vector_only_unchanged} "
+        f"({analysis.task_vector_only_unchanged} exactly zero, {others} non-zero)."
+    )
+    if analysis.export is not None:
+        lines += export_findings(analysis.export)
+    return lines
+
+
+def rank_findings(analysis: Analysis) -> list[str]:
+    """Numerical ranks of Δ and τ: equal, or τ carries full-rank noise on top."""
+    spectra = analysis.tensors
+    n = len(spectra)
+    lora_ranks = sorted({s.rank_lora for s in spectra})
+    same_rank = sum(s.rank_task_vector == s.rank_lora for s in spectra)
+    lines = [f"{n} LoRA-adapted tensors analysed; Δ has numerical rank {_listing(lora_ranks)}."]
+    if analysis.lora_source == "lora_path":
+        factored = sum(s.lora_spectrum_from_factors for s in spectra)
+        lines[0] += f" Δ computed from the adapter in float64; {factored} of its SVDs exactly from the factors."
+    if same_rank == n:
+        lines.append(f"All {n} task-vector tensors have exactly the numerical rank of their LoRA delta.")
+        return lines
+    bound = ", a lower bound from the randomized SVD" if any(s.rank_task_vector_is_lower_bound for s in spectra) else ""
+    lines.append(
+        f"{n - same_rank} of {n} task-vector tensors have a higher numerical rank than Δ "
+        f"(up to {max(s.rank_task_vector for s in spectra)}{bound})"
+        ": full-rank noise on top of the LoRA update"
+        + (f", as a {analysis.merge_dtype} merge's rounding produces." if analysis.merge_dtype != "fp32" else ".")
+    )
+    return lines
+
+
+def subspace_findings(spectra: list[TensorSpectrum]) -> list[str]:
+    """Angles between the top-r subspaces, the relative error, the noise floor and the effective rank."""
+    angle = max(s.principal_angle_deg for s in spectra)
+    energy = min(s.energy_in_lora_rank for s in spectra)
+    errors = [s.rel_error for s in spectra]
+    lines = [
+        f"The top-r singular subspaces of τ and Δ differ by at most {angle:.2e}°; "
+        f"τ's top-r directions hold at least {100 * energy:.6f}% of its energy.",
+        f"‖τ − Δ‖/‖Δ‖: median {statistics.median(errors):.2e}, max {max(errors):.2e}; "
+        f"σ_(r+1)(τ)/σ₁(τ) at most {max(s.sigma_tail_ratio for s in spectra):.2e}.",
+    ]
+    ratios = [s.sigma_next_task_vector / s.predicted_noise_floor for s in spectra if s.predicted_noise_floor > 0]
+    if ratios:
+        lines.append(
+            f"σ_(r+1)(τ) is {min(ratios):.2f}–{max(ratios):.2f}× the noise floor predicted from the residual, "
+            "RMS(τ − Δ)·(√m + √n): what lies under the LoRA subspace is unstructured rounding noise."
+        )
+    lora_ranks = sorted({s.rank_lora for s in spectra})
+    effective = statistics.median(s.effective_rank_lora for s in spectra)
+    lines.append(
+        f"Effective rank (exp of the spectral entropy) of Δ: median {effective:.2f} of rank {_listing(lora_ranks)}: "
+        "how evenly the adapter spreads its update over its directions."
+    )
+    return lines
+
+
+def base_findings(analysis: Analysis) -> list[str]:
+    """With the base weights: τ − Δ in ulps, and whether it is within the rounding bound of the merge."""
+    with_base = [s for s in analysis.tensors if s.residual_max_ulps is not None]
+    if not with_base:
+        return []
+    worst = max(s.residual_max_ulps for s in with_base)
+    checked = [s for s in with_base if s.within_rounding is not None]
+    beyond = sum(not s.within_rounding for s in checked)
+    if not checked:
+        reading = "pass --lora_path to check it against the rounding bound of the merge"
+    elif not beyond:
+        reading = f"every element within the rounding bound of a {analysis.merge_dtype} merge"
+    else:
+        reading = f"{beyond} tensors beyond what the rounding of a {analysis.merge_dtype} merge explains"
+    return [
+        f"With the base weights: τ − Δ is at most {worst:.3g} ulp of {analysis.merge_dtype} at the merged weight "
+        f"(RMS up to {max(s.residual_rms_ulps for s in with_base):.3g} ulp) over {len(with_base)} tensors; "
+        f"{reading}."
+    ]
+
+
+def _listing(values: list[int]) -> str:
+    return str(values[0]) if len(values) == 1 else f"{values[0]}–{values[-1]}"
+
+
+def analysis_report(analysis: Analysis) -> dict:
+    """The content of analysis.json."""
+    return {
+        "summary": {
+            "tensors": len(analysis.tensors),
+            "merge_dtype": analysis.merge_dtype,
+            "lora_source": analysis.lora_source,
+            "lora_spectra_from_factors": sum(s.lora_spectrum_from_factors for s in analysis.tensors),
+            "lora_only": analysis.lora_only,
+            "not_matrices": analysis.not_matrices,
+            "task_vector_only_unchanged": analysis.task_vector_only_unchanged,
+            "task_vector_only_nonzero": analysis.task_vector_only_nonzero,
+            "findings": findings(analysis),
+        },
+        "by_module": aggregate(analysis.tensors, lambda s: s.module),
+        "by_layer": aggregate(analysis.tensors, lambda s: s.layer),
+        "tensors": [asdict(s) for s in analysis.tensors],
+        **({"export_lora": export_report(analysis.export)} if analysis.export is not None else {}),
+    }
+
+
+def export_report(export: LoraExport) -> dict:
+    """analysis.json's export_lora section."""
+    return {
+        "folder": FOLDER,
+        "rank": export.request.rank,
+        "energy": export.request.energy,
+        "seconds": round(export.seconds, 3),
+        "skipped": export.skipped,
+        "tensors": [asdict(t) for t in export.tensors],
+    }
+
+
+def export_findings(export: LoraExport) -> list[str]:
+    """The export's lines in the findings."""
+    tensors = export.tensors
+    ranks = sorted(t.rank for t in tensors)
+    errors = [t.rel_error for t in tensors]
+    if export.request.rank is not None:
+        capped = sum(t.rank < export.request.rank for t in tensors)
+        how = f"rank {export.request.rank}" + (f" (min(m, n) in {capped} smaller tensors)" if capped else "")
+    else:
+        how = (
+            f"the smallest rank keeping {100 * export.request.energy:g}% of each tensor's energy, "
+            f"{ranks[0]}–{ranks[-1]} (median {statistics.median(ranks):g})"
+        )
+    skipped = f"; {len(export.skipped)} skipped" if export.skipped else ""
+    lines = [
+        f"Exported τ as a LoRA ({FOLDER}/, {len(tensors)} modules{skipped}), truncated SVD at {how}: "
+        f"‖τ − BA‖/‖τ‖ median {statistics.median(errors):.2e}, max {max(errors):.2e}; the energy left out, "
+        f"1 − Σ_(i≤k) σᵢ²/‖τ‖², at most {max(0.0, *(1 - t.kept_energy for t in tensors)):.2e} (= error²: Eckart–Young)."
+    ]
+    against_lora = [t.rel_error_lora for t in tensors if t.rel_error_lora is not None]
+    if against_lora:
+        lines.append(
+            f"The exported LoRA against Δ: ‖Δ − BA‖/‖Δ‖ median {statistics.median(against_lora):.2e}, "
+            f"max {max(against_lora):.2e}."
+        )
+    return lines
+
+
+def analysis_markdown(report: dict, plots: list[str]) -> str:
+    """report.md: findings, the per-module table, the plots, then every tensor."""
+    summary = report["summary"]
+    lines = ["# LoRA delta Δ vs task vector τ: mathematical analysis", "", "## Findings", ""]
+    lines += [f"- {line}" for line in summary["findings"]]
+    lines += ["", "## By module type", "", "| module | tensors | median ‖τ−Δ‖/‖Δ‖ | max angle (°) | ranks of τ |"]
+    lines.append("|---|---|---|---|---|")
+    for module, row in report["by_module"].items():
+        lines.append(
+            f"| {module} | {row['tensors']} | {row['median_rel_error']:.2e} | "
+            f"{row['max_principal_angle_deg']:.2e} | {', '.join(map(str, row['ranks_task_vector']))} |"
+        )
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    lines += ["", "## Tensors", "", "| tensor | rank Δ | rank τ | cosine | ‖τ−Δ‖/‖Δ‖ | angle (°) | σ_(r+1)/σ₁ |"]
+    lines.append("|---|---|---|---|---|---|---|")
+    for t in report["tensors"]:
+        lines.append(
+            f"| {t['name']} | {t['rank_lora']} | {t['rank_task_vector']} | {t['cosine']:.6f} | "
+            f"{t['rel_error']:.2e} | {t['principal_angle_deg']:.2e} | {t['sigma_tail_ratio']:.2e} |"
+        )
+    if "export_lora" in report:
+        lines += export_markdown(report["export_lora"])
+    return "\n".join(lines) + "\n"
+
+
+def export_markdown(export: dict) -> list[str]:
+    """report.md's table of the exported LoRA: rank, kept energy and errors per tensor."""
+    lines = ["", f"## Exported LoRA ({export['folder']}/)", ""]
+    if export["skipped"]:
+        lines += [f"- {name}: skipped, {reason}" for name, reason in export["skipped"].items()] + [""]
+    lines += ["| tensor | layout | rank | kept energy | ‖τ−BA‖/‖τ‖ | ‖Δ−BA‖/‖Δ‖ |", "|---|---|---|---|---|---|"]
+    for t in export["tensors"]:
+        against_lora = "–" if t["rel_error_lora"] is None else f"{t['rel_error_lora']:.2e}"
+        lines.append(
+            f"| {t['name']} | {t['layout']} | {t['rank']} | {t['kept_energy']:.9f} | {t['rel_error']:.2e} | "
+            f"{against_lora} |"
+        )
+    return lines
