@@ -40,6 +40,7 @@ from common.lora import plan_deltas
 from common.model_layout import read_config
 from common.outputs import check_output_dir, staged_output_dir
 from common.plots import analysis_plots
+from common.precision import dtype_from_name
 from common.safetensors_io import CheckpointIndex
 from common.sources import resolve_adapter, resolve_model
 from common.task_vector import stats_beside
@@ -89,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
             stack.callback(adapter.close)
             config = read_config(base_dir) if base_dir else {}
             plan = plan_deltas(adapter, base, config, set(task_vector.names()))
-            deltas, count, changes = deltas_from_adapter(adapter, plan, base, device), len(plan.specs), plan.changes
+            merge_dtype = dtype_from_name(task_vector.metadata.get("finetuned_dtype", ""))
+            deltas = deltas_from_adapter(adapter, plan, base, device, merge_dtype)
+            count, changes = len(plan.specs), plan.changes
         else:
             lora_deltas = stack.enter_context(CheckpointIndex(args.lora_file))
             deltas, count = deltas_from_file(lora_deltas, base, device), len(lora_deltas)

@@ -56,11 +56,16 @@ def deltas_from_file(
 
 
 def deltas_from_adapter(
-    adapter: LoraAdapter, plan: DeltaPlan, base: CheckpointIndex | None, device: torch.device
+    adapter: LoraAdapter,
+    plan: DeltaPlan,
+    base: CheckpointIndex | None,
+    device: torch.device,
+    merge_dtype: torch.dtype | None = None,
 ) -> Iterator[LoraDelta]:
-    """Δ from the adapter in float64 as the merge computes it; a plain LoRA's SVD from its factors."""
+    """Δ from the adapter in float64 as the merge (at `merge_dtype`) computes it; a plain LoRA's SVD from its
+    factors."""
     for spec in plan.specs:
-        delta, weight = exact_delta(spec.name, plan, adapter, base, device)
+        delta, weight = exact_delta(spec.name, plan, adapter, base, device, merge_dtype)
         changes = plan.changes[spec.name]
         target = changes[0] if len(changes) == 1 and isinstance(changes[0], LoraTarget) else None
         spectrum = None

@@ -84,7 +84,7 @@ def compare_adapter(
     comparison = Comparison(tolerance=tolerance, merge_dtype=merge_dtype, scaling=scaling)
     check_task_vector_shapes(plan, task_vector)
     for spec in plan.specs:
-        delta, weight = exact_delta(spec.name, plan, adapter, base, device)
+        delta, weight = exact_delta(spec.name, plan, adapter, base, device, merge_dtype)
         deltas_writer.write(spec.name, delta.float())
         if spec.name not in task_vector:
             comparison.lora_only.append(spec.name)

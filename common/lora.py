@@ -44,7 +44,7 @@ def lora_delta(
 
     With `compute_dtype=None` it runs in the dtype peft merges in, so the result is bitwise what
     `merge_and_unload` adds. It is computed whole on purpose: row slices of the product take other
-    BLAS kernels when short (measured on CPU: slices of fewer than 12 rows differ in the last bit).
+    BLAS kernels (measured on CPU, torch 2.13: slices of 1–3, 5–7 and 9–11 rows differ in the last bit).
     """
     lora_a, lora_b = adapter_dtype(lora_a), adapter_dtype(lora_b)
     if compute_dtype is not None:
@@ -54,23 +54,32 @@ def lora_delta(
 
 
 def apply_changes(
-    weight: torch.Tensor, changes: list[Change], adapter: LoraAdapter, compute_dtype: torch.dtype | None = None
+    weight: torch.Tensor,
+    changes: list[Change],
+    adapter: LoraAdapter,
+    compute_dtype: torch.dtype | None = None,
+    init_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Every change of one tensor in order: what `merge_and_unload` leaves (compute_dtype=None), or the same
-    operations with the low-rank products in `compute_dtype` (float64 for exact deltas)."""
+    operations with the low-rank products in `compute_dtype` (float64 for exact deltas). A PiSSA / OLoRA init
+    takes its factors from the weight rounded to `init_dtype` (the merge's dtype) when given."""
     for change in changes:
-        weight = apply_change(weight, change, adapter, compute_dtype)
+        weight = apply_change(weight, change, adapter, compute_dtype, init_dtype)
     return weight
 
 
 def apply_change(
-    weight: torch.Tensor, change: Change, adapter: LoraAdapter, compute_dtype: torch.dtype | None = None
+    weight: torch.Tensor,
+    change: Change,
+    adapter: LoraAdapter,
+    compute_dtype: torch.dtype | None = None,
+    init_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """One change of an adapter applied to one tensor, in peft's arithmetic."""
     if isinstance(change, Replacement):
         return apply_replacement(weight, change, adapter)
     if isinstance(change, LoraTarget):
-        return apply_low_rank(weight, change, adapter, compute_dtype)
+        return apply_low_rank(weight, change, adapter, compute_dtype, init_dtype)
     if isinstance(change, BiasUpdate):
         return apply_bias_update(weight, change, adapter)
     if isinstance(change, ParameterPiece):
@@ -84,12 +93,16 @@ def apply_replacement(weight: torch.Tensor, change: Replacement, adapter: LoraAd
 
 
 def apply_low_rank(
-    weight: torch.Tensor, target: LoraTarget, adapter: LoraAdapter, compute_dtype: torch.dtype | None = None
+    weight: torch.Tensor,
+    target: LoraTarget,
+    adapter: LoraAdapter,
+    compute_dtype: torch.dtype | None = None,
+    init_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """W += Δ in place (one rounding); embeddings add Δ cast to W's dtype; DoRA rescales rows. PiSSA and OLoRA
     adapters first turn W into the residual W − s·B₀A₀ peft trained them on."""
     if target.init is not None:
-        weight = residual_weight(weight, target, compute_dtype)
+        weight = residual_weight(weight, target, compute_dtype, init_dtype)
     lora_a, lora_b = (f.to(weight.device) for f in adapter.factors(target))
     delta = lora_delta(target, lora_a, lora_b, compute_dtype)
     if target.magnitude_key is not None:
@@ -127,13 +140,19 @@ def initial_factors(weight: torch.Tensor, target: LoraTarget) -> tuple[torch.Ten
     return torch.diag(torch.sqrt(s_r)) @ uh[:rank], v[:, :rank] @ torch.diag(torch.sqrt(s_r))
 
 
-def residual_weight(weight: torch.Tensor, target: LoraTarget, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+def residual_weight(
+    weight: torch.Tensor,
+    target: LoraTarget,
+    compute_dtype: torch.dtype | None = None,
+    init_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """W − s·B₀A₀: the base weight peft leaves in a PiSSA / OLoRA layer before it loads the trained factors.
 
     peft computes it in fp32 and casts it back to W's dtype (compute_dtype=None: bitwise peft's); in float64
-    it is the exact residual of those same fp32 factors.
+    it is the exact residual of those same fp32 factors, taken from the weight rounded to `init_dtype` when given
+    (a merge at fp16 takes its SVD or QR of the fp16 weight: the exact Δ must start from the same factors).
     """
-    lora_a, lora_b = initial_factors(weight, target)
+    lora_a, lora_b = initial_factors(weight if init_dtype is None else weight.to(init_dtype), target)
     transposed = target.fan_in_fan_out and target.init == "pissa"
     w = weight.to(compute_dtype or torch.float32)
     w = w.T if transposed else w
@@ -296,16 +315,23 @@ def _needs_base_kind(change: Change) -> str:
 
 
 def exact_delta(
-    name: str, plan: DeltaPlan, adapter: LoraAdapter, base: CheckpointIndex | None, device: torch.device
+    name: str,
+    plan: DeltaPlan,
+    adapter: LoraAdapter,
+    base: CheckpointIndex | None,
+    device: torch.device,
+    merge_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Δ in float64 (and the base tensor when there is one): merged − base, computed as the merge does."""
+    """Δ in float64 (and the base tensor when there is one): merged − base, computed as the merge does (at
+    `merge_dtype`, where it matters: the initial factors of PiSSA / OLoRA)."""
     changes = plan.changes[name]
     if base is None:
         delta, weight = sum(base_free_delta(c, adapter, device) for c in changes), None
     else:
         weight = base.read(plan.sources[name]).to(device)
         exact = weight.double()
-        delta = common_rows(apply_changes(exact.clone(), changes, adapter, torch.float64), exact) - exact
+        merged = apply_changes(exact.clone(), changes, adapter, torch.float64, merge_dtype)
+        delta = common_rows(merged, exact) - exact
     require_finite_delta(delta, name, plan.sources[name], changes, adapter, base)
     return delta, weight
 

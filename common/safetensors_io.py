@@ -1,7 +1,7 @@
 """Streaming safetensors I/O: a lazy index over a checkpoint's shards and a front-to-back writer.
 
-Reads go through our own `os.preadv` calls into fresh buffers, never through a memory map, so the
-pages of a 12 GB checkpoint are not counted in our resident memory (see ../shared/STREAMING.md).
+Reads go through our own `os.preadv` calls into reused buffers (`Scratch`), never through a memory map, so
+the pages of a 12 GB checkpoint are not counted in our resident memory (docs/streaming.md).
 Files are little-endian: `[u64 header length N][N bytes of JSON header][tensor data]`.
 """
 
@@ -197,7 +197,8 @@ class Scratch:
 class CheckpointIndex:
     """Lazy, shard-aware index of the tensors in a checkpoint folder or a single safetensors file.
 
-    Nothing is read until `read` is called; each read returns a tensor of its own (no memory map).
+    Nothing is read until `read` is called; `read` returns a tensor of its own, `read_rows` one in a reused
+    buffer when given one (no memory map either way).
     """
 
     def __init__(self, source: Path):

@@ -398,9 +398,11 @@ def test_an_adapter_of_another_model_is_called_so_and_a_partial_fit_is_not(model
     assert "built for another model" not in str(error.value)
 
 
-def pipeline_at_fp32(base: Path, adapter: Path, root: Path, *extract_flags: str) -> tuple[int, dict, list[str]]:
+def pipeline_at_fp32(
+    base: Path, adapter: Path, root: Path, *extract_flags: str, precision: str = "fp32"
+) -> tuple[int, dict, list[str]]:
     """merge → extract → compare --base_model, in-process: compare's exit code, its report, and its arguments."""
-    merge(base, adapter, root / "merged", "fp32")
+    merge(base, adapter, root / "merged", precision)
     args = ["--base_model", str(base), "--finetuned_model", str(root / "merged"), "--device", "cpu"]
     assert extract_task_vectors.main([*args, "--output_dir", str(root / "tv"), *extract_flags]) == 0
     args = ["--lora_path", str(adapter), "--task_vector_path", str(root / "tv" / "task_vector.safetensors")]
@@ -433,6 +435,16 @@ def test_compare_takes_the_same_delta_for_pissa_and_olora(models, tmp_path, init
     tensors = json.loads((tmp_path / "a" / "analysis.json").read_text())["tensors"]
     assert tensors and all(t["within_rounding"] and t["rel_error"] < 1e-5 for t in tensors)
     assert all(not t["lora_spectrum_from_factors"] for t in tensors)  # Δ = s(BA − B₀A₀) has rank up to 2r
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_at_bf16_the_pissa_and_olora_delta_starts_from_the_merges_own_factors(models, tmp_path, init):
+    """A bf16 merge takes its SVD / QR of the bf16 weight: Δ does too, so every difference is bf16 rounding."""
+    adapter, base = models.adapter("llama", init)
+    code, report, _ = pipeline_at_fp32(base, adapter, tmp_path, precision="bf16")
+    shared = [row for row in report["tensors"] if row["status"] in ("match", "mismatch")]
+    assert code == 1 and shared
+    assert all(row["within_rounding"] and row["reproduces_merge"] for row in shared), shared
 
 
 def test_a_resized_vocabulary_is_compared_on_the_rows_both_models_have(models, tmp_path):
