@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test lint clean
+.PHONY: demo test test-slow lint clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ lint: $(VENV)/.installed
 
 test: lint
 	$(PY) -m pytest -q
+
+# The checks marked slow (run by CI after `make test`).
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -m slow
 
 clean:
 	rm -rf demo_output .pytest_cache .ruff_cache

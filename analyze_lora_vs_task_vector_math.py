@@ -9,6 +9,9 @@ the merge precision. Writes analysis.json, report.md and the plots (singular val
 maps of the relative error, ‖Δ‖ and the subspace angle; with a base, the residual histogram in ulps).
 --export_lora RANK (or --export_lora_energy FRACTION) also writes τ's analysed tensors as a peft adapter,
 by truncated SVD, into exported_lora/, with each tensor's reconstruction error in analysis.json.
+
+Where the maths lives: common/spectra.py (ranks, SVDs, angles), common/metrics.py (residuals, the rounding bound),
+common/export.py (the LoRA export), common/analysis_report.py (the findings); docs/maths.md, docs/reports.md.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from common.analysis_report import analysis_markdown, analysis_report
 from common.cli import (
     add_overwrite,
     add_residual_base,
+    add_switch,
     at_most_one,
     base_parser,
     fraction,
@@ -57,9 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--base_model", default=None, help="base model (hub id or folder): residual in ulps")
     parser.add_argument("--output_dir", type=Path, default=Path("mathematical_analysis"), help="report folder")
-    parser.add_argument(
-        "--full_svd", action="store_true", help="exact SVDs even of large matrices (default: randomized above 512)"
-    )
+    add_switch(parser, "--full_svd", "exact SVDs even of large matrices (else randomized above 512)")
     parser.add_argument(
         "--export_lora", type=positive_int, metavar="RANK", help="also write τ as a rank-RANK peft LoRA (truncated SVD)"
     )

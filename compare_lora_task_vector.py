@@ -7,6 +7,9 @@ Exit code 0: equivalent within --tolerance (absolute); 1: not equivalent (the la
 2: bad input. Writes lora_deltas.safetensors, comparison_report.json / .csv and the plots
 norm_distribution_comparison.png, relative_error_heatmap.png and (with --base_model)
 residual_ulp_histogram.png into --output_dir.
+
+Where the maths lives: common/lora.py (Δ: `plan_deltas`, `exact_delta`), common/metrics.py (cosine, the rounding
+bound), common/compare.py (the verdict); docs/maths.md, and docs/reports.md for the report's fields.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from common.adapter import LoraAdapter
 from common.cli import (
     add_overwrite,
     add_residual_base,
+    add_switch,
     base_parser,
     log,
     parse_with_config,
@@ -48,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--output_dir", type=Path, default=Path("comparison_results"), help="results folder")
     parser.add_argument("--tolerance", type=float, default=1e-5, help="max |τ − Δ| allowed per element")
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    add_switch(parser, "--json", "print the summary as JSON on stdout")
     add_residual_base(parser)
     add_overwrite(parser)
     args = parse_with_config(parser, argv)

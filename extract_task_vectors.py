@@ -8,6 +8,8 @@ Writes <output_dir>/task_vector.safetensors (fp32; with --shard_size, shards and
 <output_dir>/task_vector_stats.json, which classifies every tensor as changed, rounding_artifact (the
 finetuned tensor is just the base rounded to a lower precision) or unchanged. Streaming never
 instantiates a model, so --trust_remote_code is accepted for compatibility but never needed.
+
+Where the maths lives: common/task_vector.py (`task_vector`, `tensor_status`); docs/maths.md.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base_model", type=str, default=None, help="hub id or local folder of the base")
     parser.add_argument("--finetuned_model", type=str, default=None, help="merged model folder from step 1")
     parser.add_argument("--output_dir", type=Path, default=Path("task_vectors"), help="folder for the task vector")
-    parser.add_argument("--compute_dtype", default="fp32", choices=list(COMPUTE_DTYPES), help="dtype of τ (fp32)")
+    parser.add_argument("--compute_dtype", default="fp32", choices=list(COMPUTE_DTYPES), help="dtype of τ")
     parser.add_argument("--shard_size", type=byte_size, default=None, help="write shards of this size (e.g. 2GB)")
     add_switch(parser, "--skip_unchanged", "leave out tensors whose τ is exactly zero (listed in the stats)")
     add_switch(parser, "--allow_shape_mismatch", "subtract the rows both models have (e.g. a resized vocabulary)")

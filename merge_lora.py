@@ -6,6 +6,9 @@
 The result is a normal Hugging Face model folder, bitwise equal to peft's `merge_and_unload()` on
 the same device, written without ever holding the model in memory. `--engine peft` runs peft's own
 merge instead (the whole model in memory), kept for cross-checks.
+
+Where the maths lives: common/lora.py (peft's arithmetic, change by change), common/merge_plan.py (which tensor
+gets which change), common/merge.py (the streaming loop); docs/maths.md and docs/adapters.md explain them.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ def findings(analysis: Analysis) -> list[str]:
     others = len(analysis.task_vector_only_nonzero)
     lines.append(
         f"Tensors in τ that the adapter does not touch: {others + analysis.task_vector_only_unchanged} "
-        f"({analysis.task_vector_only_unchanged} exactly zero, {others} non-zero)."
+        f"({analysis.task_vector_only_unchanged} unchanged, {others} non-zero)."
     )
     if analysis.export is not None:
         lines += export_findings(analysis.export)

@@ -34,14 +34,24 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the docstring's layout and states every flag's default value (not an absent one or `off`)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def base_parser(description: str) -> ArgumentParser:
-    parser = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=description, formatter_class=HelpFormatter)
     parser.add_argument(
         "--device",
         default=None,
         help="where the arithmetic runs: cuda:0 when CUDA is available, else cpu (default); any torch device",
     )
-    parser.add_argument("--verbose", action="store_true", help="print a line per tensor")
+    add_switch(parser, "--verbose", "print a line per tensor")
     parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
     return parser
 
@@ -92,12 +102,13 @@ def fraction(text: str) -> float:
 
 
 def add_switch(parser: argparse.ArgumentParser, name: str, help: str) -> None:
-    """A flag that is off by default and may be given alone (on) or with a value (`--flag false`)."""
+    """A flag that is off by default and may be given alone (on) or with a value (`--flag false`); every on/off
+    flag of the four scripts is one (but --debug, which is read before the flags are parsed)."""
     parser.add_argument(name, type=boolean, nargs="?", const=True, default=False, metavar="true|false", help=help)
 
 
 def add_overwrite(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --output_dir")
+    add_switch(parser, "--overwrite", "replace an existing, non-empty --output_dir")
 
 
 def add_residual_base(parser: argparse.ArgumentParser) -> None:

@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 import torch
 
-from common.errors import UserError
+from common.errors import UserError, shorten
 
 # safetensors' dtype names; those this torch lacks (uint16/32/64 came in torch 2.3) are left out, and a file
 # holding one is refused as an unknown dtype.
@@ -114,7 +114,7 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> Tenso
         raise UserError(f"{path}: tensor {name!r} has a malformed header entry (needs dtype, shape, data_offsets)")
     dtype = DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
     if dtype is None:
-        raise UserError(f"{path}: tensor {name!r} has an unknown dtype {_shorten(repr(entry['dtype']))}")
+        raise UserError(f"{path}: tensor {name!r} has an unknown dtype {shorten(repr(entry['dtype']))}")
     shape, offsets = entry["shape"], entry["data_offsets"]
     if not (
         isinstance(shape, list)
@@ -127,7 +127,7 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> Tenso
     info = TensorInfo(name, path, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
     if info.nbytes != info.numel * dtype.itemsize:
         raise UserError(
-            f"{path}: tensor {name!r} of shape {_shorten(str(shape))} needs {info.numel * dtype.itemsize} bytes "
+            f"{path}: tensor {name!r} of shape {shorten(str(shape))} needs {info.numel * dtype.itemsize} bytes "
             f"but its data_offsets give {info.nbytes}"
         )
     return info
@@ -157,10 +157,6 @@ def _is_unicode(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def _shorten(text: str, limit: int = 60) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def read_bytes_into(f: BinaryIO, buffer: torch.Tensor, offset: int) -> None:
