@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             exporter = LoraExporter(request, changes, recorded_base_config(base_dir, task_vector.metadata))
         staging = stack.enter_context(staged_output_dir(args.output_dir))
         with tensor_progress(count, "analyze", args.verbose) as step:
-            known = stats_beside(args.task_vector_file)
+            known = stats_beside(args.task_vector_file).status
             on_matrix = exporter.add if exporter else None
             analysis = analyze_files(deltas, task_vector, device, step, args.full_svd, known, on_matrix)
         analysis.lora_source = "lora_path" if adapter else "lora_file"

@@ -3,13 +3,14 @@
     python compare_lora_task_vector.py --base_model bigcode/starcoder2-3b --lora_path checkpoint-40000/ \
         --task_vector_path task_vectors_fp32/task_vector.safetensors --output_dir comparison_results/
 
-Exit code 0: equivalent within --tolerance (absolute); 1: not equivalent (the last line says why);
-2: bad input. Writes lora_deltas.safetensors, comparison_report.json / .csv and the plots
-norm_distribution_comparison.png, relative_error_heatmap.png and (with --base_model)
-residual_ulp_histogram.png into --output_dir.
+Exit code 0: equivalent within --tolerance (absolute); 1: not equivalent (the last line says why, and
+comparison_report.json's summary.cause names the cause); 2: bad input. Writes lora_deltas.safetensors,
+comparison_report.json / .csv and the plots norm_distribution_comparison.png, relative_error_heatmap.png and
+(with --base_model) residual_ulp_histogram.png into --output_dir.
 
 Where the maths lives: common/lora.py (Δ: `plan_deltas`, `exact_delta`), common/metrics.py (cosine, the rounding
-bound), common/compare.py (the verdict); docs/maths.md, and docs/reports.md for the report's fields.
+bound), common/compare.py (the evidence), common/diagnosis.py (the cause); docs/maths.md, docs/diagnosis.md and
+docs/reports.md for the report's fields.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from common.cli import (
     setup_logging,
     tensor_progress,
 )
-from common.compare import compare_adapter, verdict
+from common.compare import compare_adapter
 from common.compare_report import comparison_summary, console_block, tensor_rows, write_comparison_reports
+from common.diagnosis import diagnose
 from common.lora import plan_deltas
 from common.model_layout import read_config
 from common.outputs import check_output_dir, staged_output_dir
@@ -72,9 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         staging = stack.enter_context(staged_output_dir(args.output_dir))
         deltas = stack.enter_context(SafetensorsWriter(staging / "lora_deltas.safetensors", plan.specs))
         step = stack.enter_context(tensor_progress(len(plan.specs), "compare", args.verbose))
-        known = stats_beside(args.task_vector_path)
-        comparison = compare_adapter(adapter, plan, task_vector, deltas, device, args.tolerance, base, known, step)
-        result = verdict(comparison)
+        record = stats_beside(args.task_vector_path)
+        comparison = compare_adapter(
+            adapter, plan, task_vector, deltas, device, args.tolerance, base, record, step, args.base_model
+        )
+        result = diagnose(comparison)
         summary = comparison_summary(comparison, result)
         rows = tensor_rows(comparison)
         write_comparison_reports(summary, rows, staging)

@@ -29,7 +29,7 @@ from common.cli import (
     setup_logging,
     tensor_progress,
 )
-from common.model_layout import read_config
+from common.model_layout import fingerprint, read_config
 from common.outputs import check_output_dir, staged_output_dir
 from common.precision import short_name
 from common.safetensors_io import CheckpointIndex, ShardedWriter
@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ):
         pairs, extraction = plan_extraction(base, finetuned, configs, args.allow_shape_mismatch)
         specs = task_vector_specs(base, pairs, compute_dtype)
+        sources |= {"base_fingerprint": fingerprint(base), "finetuned_fingerprint": fingerprint(finetuned)}
         metadata = {
             **sources,
             "base_dtype": extraction.base_dtype,

@@ -13,6 +13,7 @@ from dataclasses import asdict
 
 from common.analysis import Analysis
 from common.export import FOLDER, LoraExport
+from common.precision import a_dtype
 from common.spectra import TensorSpectrum
 
 
@@ -72,7 +73,11 @@ def rank_findings(analysis: Analysis) -> list[str]:
         f"{n - same_rank} of {n} task-vector tensors have a higher numerical rank than Δ "
         f"(up to {max(s.rank_task_vector for s in spectra)}{bound})"
         ": full-rank noise on top of the LoRA update"
-        + (f", as a {analysis.merge_dtype} merge's rounding produces." if analysis.merge_dtype != "fp32" else ".")
+        + (
+            f", as {a_dtype(analysis.merge_dtype)} merge's rounding produces."
+            if analysis.merge_dtype != "fp32"
+            else "."
+        )
     )
     return lines
 
@@ -114,9 +119,9 @@ def base_findings(analysis: Analysis) -> list[str]:
     if not checked:
         reading = "pass --lora_path to check it against the rounding bound of the merge"
     elif not beyond:
-        reading = f"every element within the rounding bound of a {analysis.merge_dtype} merge"
+        reading = f"every element within the rounding bound of {a_dtype(analysis.merge_dtype)} merge"
     else:
-        reading = f"{beyond} tensors beyond what the rounding of a {analysis.merge_dtype} merge explains"
+        reading = f"{beyond} tensors beyond what the rounding of {a_dtype(analysis.merge_dtype)} merge explains"
     return [
         f"With the base weights: τ − Δ is at most {worst:.3g} ulp of {analysis.merge_dtype} at the merged weight "
         f"(RMS up to {max(s.residual_rms_ulps for s in with_base):.3g} ulp) over {len(with_base)} tensors; "

@@ -7,17 +7,26 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from common.compare import Comparison, Verdict
+from common.compare import Comparison
+from common.diagnosis import Diagnosis
 from common.finite import json_number
 from common.metrics import PERFECT_COSINE
 from common.precision import short_name
 from common.task_vector import TauStatus
 
 REPORT_FIELDS = ["name", "status", "cosine", "max_abs_diff", "rel_error", "norm_lora", "norm_task_vector"]
-EXTRA_FIELDS = ["scale", "max_diff_ulps", "within_rounding", "reproduces_merge"]
+EXTRA_FIELDS = [
+    "scale",
+    "scale_sigma",
+    "max_diff_ulps",
+    "within_rounding",
+    "reproduces_merge",
+    "rounding_floor",
+    "tau_status",
+]
 
 
-def comparison_summary(comparison: Comparison, verdict: Verdict) -> dict:
+def comparison_summary(comparison: Comparison, verdict: Diagnosis) -> dict:
     shared = comparison.shared
     cosines = [c.cosine for c in shared]
     return {
@@ -33,7 +42,10 @@ def comparison_summary(comparison: Comparison, verdict: Verdict) -> dict:
         "max_abs_diff": max((c.max_abs_diff for c in shared), default=None),
         "perfect_matches": sum(c > PERFECT_COSINE for c in cosines),
         "equivalent": verdict.equivalent,
+        "cause": verdict.cause,
+        "causes": verdict.causes,
         "reason": verdict.reason,
+        "evidence": {k: json_number(v) for k, v in verdict.evidence.items()},
         "tolerance": comparison.tolerance,
         "merge_dtype": short_name(comparison.merge_dtype) if comparison.merge_dtype else None,
     }

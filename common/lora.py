@@ -345,10 +345,8 @@ def common_rows(merged: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 def rounded_at_dtype(
     changes: list[Change], weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor
 ) -> torch.Tensor | None:
-    """The magnitude of what a merge rounds to its dtype besides W and W + Δ: target_parameters cast Δ first;
-    PiSSA / OLoRA cast the residual W − s·B₀A₀, at most |W| + |s|·|B₀|@|A₀| (within the product magnitude)."""
-    if any(isinstance(c, ParameterPiece) for c in changes):
-        return delta.abs()
+    """The magnitude of what a merge rounds to its dtype besides W, Δ and W + Δ (metrics.rounding_bound): the
+    PiSSA / OLoRA residual W − s·B₀A₀, at most |W| + |s|·|B₀|@|A₀| (within the product magnitude)."""
     if any(isinstance(c, LoraTarget) and c.init for c in changes):
         return weight.double().abs() + magnitude
     return None

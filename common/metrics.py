@@ -26,9 +26,14 @@ class TensorComparison:
     norm_lora: float
     norm_task_vector: float
     scale: float  # least-squares fit of τ ≈ scale·Δ: ⟨τ,Δ⟩/⟨Δ,Δ⟩, 1.0 when the scaling is right
+    scale_sigma: float  # the spread of `scale` that independent noise of τ's residual gives: ‖τ − cΔ‖/(‖Δ‖√n)
+    fit_residual: float  # ‖τ − cΔ‖ / ‖τ − Δ‖: 0 when τ is exactly c·Δ, 1 when the scale explains nothing
+    max_abs_fit_residual: float  # max |τ − cΔ|
     max_diff_ulps: float | None = None  # max |τ − Δ| in ulps of the merge dtype at the merged weight
     within_rounding: bool | None = None  # every |τ − Δ| within the rounding a merge at that dtype can make
     reproduces_merge: bool | None = None  # τ is bit for bit what merging this adapter at that dtype gives
+    rounding_floor: float | None = None  # the most a merge at that dtype can round, at the tensor's magnitudes
+    tau_status: str = ""  # what τ holds on this adapted tensor (task_vector.TauStatus)
     status: str = ""
 
 
@@ -42,19 +47,26 @@ def cosine(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def compare_tensor(name: str, lora_delta: torch.Tensor, task_vector: torch.Tensor) -> TensorComparison:
-    """Cosine, max |τ − Δ|, relative error, norms and the least-squares scale, all in float64."""
+    """Cosine, max |τ − Δ|, relative error, norms, and the least-squares scale c with how well τ ≈ c·Δ fits, all
+    in float64."""
     delta, tau = lora_delta.double(), task_vector.double()
     diff = tau - delta
     norm_delta = float(torch.linalg.vector_norm(delta))
-    delta_sq = float(torch.dot(delta.flatten(), delta.flatten()))
+    delta_sq = norm_delta**2
+    scale = float(torch.dot(tau.flatten(), delta.flatten())) / delta_sq if delta_sq else float("nan")
+    fit = tau - scale * delta if delta_sq else tau
+    norm_diff, norm_fit = float(torch.linalg.vector_norm(diff)), float(torch.linalg.vector_norm(fit))
     return TensorComparison(
         name=name,
         cosine=cosine(delta, tau),
         max_abs_diff=float(diff.abs().max()) if diff.numel() else 0.0,
-        rel_error=float(torch.linalg.vector_norm(diff)) / norm_delta if norm_delta else float("inf"),
+        rel_error=norm_diff / norm_delta if norm_delta else float("inf"),
         norm_lora=norm_delta,
         norm_task_vector=float(torch.linalg.vector_norm(tau)),
-        scale=float(torch.dot(tau.flatten(), delta.flatten())) / delta_sq if delta_sq else float("nan"),
+        scale=scale,
+        scale_sigma=norm_fit / (norm_delta * max(1, delta.numel()) ** 0.5) if norm_delta else float("inf"),
+        fit_residual=norm_fit / norm_diff if norm_diff else 0.0,
+        max_abs_fit_residual=float(fit.abs().max()) if fit.numel() else 0.0,
     )
 
 
@@ -72,8 +84,10 @@ def rounding_bound(
     within ½ ulp of W plus ½ ulp of the merged weight (at `dtype`), plus the fp32 arithmetic of the
     delta and of the subtraction. B @ A in fp32 errs by up to about r ulps of |s|·(|B| @ |A|)
     (`product_magnitude`), which exceeds |Δ| by orders of magnitude where the r products cancel.
-    A merge that rounds one more intermediate to `dtype` (`rounded_at_dtype`, its magnitude: Δ cast before the
-    addition, a PiSSA residual) adds ½ ulp of it.
+    Any correct merge at a lower precision is covered, not only peft's: one that casts Δ to `dtype` before adding
+    it (peft's safe_merge, its embeddings and target_parameters) adds ½ ulp of |Δ|; one that adds in fp32 and
+    rounds once stays within ½ ulp of the merged weight. A merge that rounds one more intermediate to `dtype`
+    (`rounded_at_dtype`, its magnitude: the PiSSA / OLoRA residual) adds ½ ulp of it.
     """
     w, delta = base.double(), lora_delta.double()
     merged = (w.abs() + delta.abs()).clamp_min(w.abs())
@@ -82,7 +96,7 @@ def rounding_bound(
     extra = 0.0 if rounded_at_dtype is None else 0.5 * ulp(rounded_at_dtype.double(), dtype)
     if dtype == torch.float32:
         return 0.5 * ulp(merged, dtype) + fp32_slack + extra
-    return 0.5 * ulp(w, dtype) + 0.5 * ulp(merged, dtype) + fp32_slack + extra
+    return 0.5 * ulp(w, dtype) + 0.5 * ulp(merged, dtype) + 0.5 * ulp(delta.abs(), dtype) + fp32_slack + extra
 
 
 def add_rounding_check(

@@ -46,3 +46,8 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     info = torch.finfo(dtype)
     _, exponent = torch.frexp(x.abs().double().clamp_min(info.smallest_normal))  # |x| = m·2^e, m in [½, 1)
     return torch.ldexp(torch.full_like(exponent, info.eps, dtype=torch.float64), exponent - 1)
+
+
+def a_dtype(name: str | None) -> str:
+    """The name with its article, as it is read aloud: "an fp16", "an fp32", "a bf16"."""
+    return f"an {name}" if str(name).startswith("f") else f"a {name}"

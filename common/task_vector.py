@@ -71,12 +71,18 @@ def stored_status(
     is one, else read off τ; telling a rounding artifact from a change then needs the base and the merge dtype."""
     if (known or {}).get(name) is not None:
         return TauStatus(known[name])
-    tau = tau_file.read(name)
+    weight = base.read(name) if base is not None and name in base else None
+    return status_of(tau_file.read(name), weight, merge_dtype)
+
+
+def status_of(tau: torch.Tensor, base_weight: torch.Tensor | None, merge_dtype: torch.dtype | None) -> TauStatus:
+    """A tensor's status read off τ itself: zero, or (with the base weight and the merge dtype) the base rounded
+    to that dtype and nothing else, or a change; unclassified when non-zero and the base is not there."""
     if not torch.count_nonzero(tau):
         return TauStatus.UNCHANGED
-    if base is None or merge_dtype is None or name not in base:
+    if base_weight is None or merge_dtype is None or base_weight.shape != tau.shape:
         return TauStatus.UNCLASSIFIED
-    if merge_dtype != torch.float32 and is_rounding_artifact_of_delta(base.read(name), tau, merge_dtype):
+    if merge_dtype != torch.float32 and is_rounding_artifact_of_delta(base_weight, tau, merge_dtype):
         return TauStatus.ROUNDING_ARTIFACT
     return TauStatus.CHANGED
 
@@ -105,6 +111,7 @@ class TensorStats:
     changed_fraction: float = 0.0
     elements_beyond_rounding: int = 0
     skipped: bool = False  # left out of the file by --skip_unchanged
+    base_max_abs: float = 0.0  # max |W_base| where τ ≠ 0: the magnitude a merge's rounding is measured at
 
 
 @dataclass
@@ -266,12 +273,13 @@ class ChunkBuffers:
 
 @dataclass
 class RunningStats:
-    """‖τ‖², max |τ|, non-zero count and elements beyond rounding, accumulated chunk by chunk."""
+    """‖τ‖², max |τ|, non-zero count, elements beyond rounding and max |W_base| where τ ≠ 0, chunk by chunk."""
 
     sum_sq: float = 0.0
     max_abs: float = 0.0
     changed: int = 0
     beyond: int = 0
+    base_max_abs: float = 0.0
 
     def add(self, tau: torch.Tensor, w_finetuned: torch.Tensor, w_base: torch.Tensor) -> int:
         """Count one chunk in; returns its number of non-zero elements (0: τ is zero there)."""
@@ -282,6 +290,8 @@ class RunningStats:
         self.beyond += int(torch.count_nonzero(w_finetuned.to(tau.device) != w_base.to(tau.device, w_finetuned.dtype)))
         low, high = torch.aminmax(tau)
         self.max_abs = max(self.max_abs, float(-low), float(high))
+        low, high = torch.aminmax(w_base)  # where τ is zero the base's magnitude does not matter
+        self.base_max_abs = max(self.base_max_abs, float(-low), float(high))
         norm = torch.linalg.vector_norm(tau)  # fp32 with blocked sums; fp64 only if that overflowed
         if not torch.isfinite(norm) and tau.dtype != torch.float64:
             norm = torch.linalg.vector_norm(tau, dtype=torch.float64)
@@ -320,6 +330,7 @@ def task_vector_tensor(
         max_abs=running.max_abs,
         changed_fraction=running.changed / max(1, spec.numel),
         elements_beyond_rounding=running.beyond,
+        base_max_abs=running.base_max_abs,
     )
 
 
@@ -349,20 +360,32 @@ def write_stats(extraction: Extraction, path: Path, sources: dict[str, str]) -> 
     path.write_text(json.dumps(report, indent=2) + "\n")
 
 
-def stats_beside(task_vector_path: Path) -> dict[str, str]:
-    """The extraction's classification of each tensor, from the stats file beside a task vector ({} if none)."""
+@dataclass
+class ExtractionRecord:
+    """What the extraction recorded beside τ (task_vector_stats.json): each tensor's status, and the base's
+    magnitude where τ is non-zero. Empty when there is no stats file."""
+
+    status: dict[str, str] = field(default_factory=dict)
+    base_max_abs: dict[str, float] = field(default_factory=dict)
+
+
+def stats_beside(task_vector_path: Path) -> ExtractionRecord:
+    """The extraction's record of each tensor, from the stats file beside a task vector (empty if none)."""
     folder = task_vector_path if task_vector_path.is_dir() else task_vector_path.parent
     return read_stats(folder / STATS_FILE)
 
 
-def read_stats(path: Path) -> dict[str, str]:
-    """Tensor name -> status from a task_vector_stats.json, or {} when there is none."""
+def read_stats(path: Path) -> ExtractionRecord:
+    """The record of a task_vector_stats.json, or an empty one when there is none."""
     if not path.is_file():
-        return {}
+        return ExtractionRecord()
     try:
-        return {t["name"]: t["status"] for t in json.loads(path.read_text())["tensors"]}
+        tensors = json.loads(path.read_text())["tensors"]
+        status = {t["name"]: t["status"] for t in tensors}
+        magnitudes = {t["name"]: float(t["base_max_abs"]) for t in tensors if t.get("base_max_abs") is not None}
     except (ValueError, RecursionError, KeyError, TypeError) as e:  # ValueError: invalid JSON or UTF-8
         raise UserError(f"{path}: not a task_vector_stats.json ({e})") from None
+    return ExtractionRecord(status, magnitudes)
 
 
 def non_finite_task_vector_warnings(

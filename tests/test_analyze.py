@@ -165,7 +165,7 @@ def test_base_model_gives_the_residual_in_ulps_within_the_fp16_rounding(from_ada
         assert 0.5 < t["residual_max_ulps"] <= 1.0 + 1e-3, t["name"]  # two roundings of ½ ulp each
         assert 0.1 < t["residual_rms_ulps"] < t["residual_max_ulps"]
         assert t["within_rounding"] is True
-    assert "every element within the rounding bound of a fp16 merge" in stdout
+    assert "every element within the rounding bound of an fp16 merge" in stdout
     assert (out / "residual_ulp_histogram.png").read_bytes()[:4] == b"\x89PNG"
     assert "(residual_ulp_histogram.png)" in (out / "report.md").read_text()
 

@@ -58,7 +58,7 @@ def test_every_variant_at_fp16_fails_within_fp16_rounding(tiny, adapters, tmp_pa
     reason = report["summary"]["reason"]
     assert code == 1
     assert "differ by more than 1e-05, all within fp16 rounding" in reason, reason
-    assert "bit for bit what a fp16 merge of this adapter gives" in reason
+    assert "bit for bit what an fp16 merge of this adapter gives" in reason
 
 
 def test_base_dependent_changes_need_the_base(tiny, adapters, tmp_path, pipeline):
@@ -86,7 +86,7 @@ def test_doubled_alpha_reports_the_scale_and_the_alpha_reading(tiny, tmp_path, p
     result = run_script("compare_lora_task_vector.py", *args, "--output_dir", tmp_path / "out")
     assert result.returncode == 1
     reason = result.stdout.strip().splitlines()[-3]
-    assert "τ = 0.5·Δ in every tensor, a scaling mismatch" in reason
+    assert "τ = 0.5·Δ in every adapted tensor, a scaling mismatch" in reason
     assert f"as if lora_alpha were {config['lora_alpha'] // 2} instead of {config['lora_alpha']}" in reason
 
 
