@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -59,20 +61,56 @@ def kept_in_fp32(config: dict, precision: torch.dtype) -> re.Pattern | None:
 
     A model class lists modules in `_keep_in_fp32_modules` (kept at fp16) and `_keep_in_fp32_modules_strict` (kept
     at fp16 and bf16): GPT-OSS's norms, DeepSeek-V3's router `gate.weight`. peft merges into those fp32 tensors, so
-    the merge writes them in fp32 too. None when the class is unknown or keeps nothing.
+    the merge writes them in fp32 too. None at fp32, or when the class is unknown or keeps nothing.
     """
-    import transformers
-
-    architectures = config.get("architectures") or [None]
-    model_class = getattr(transformers, architectures[0], None) if isinstance(architectures[0], str) else None
-    kept = set()
-    if model_class is not None and precision == torch.float16:
-        kept |= set(getattr(model_class, "_keep_in_fp32_modules", None) or [])
-    if model_class is not None and precision in (torch.float16, torch.bfloat16):
-        kept |= set(getattr(model_class, "_keep_in_fp32_modules_strict", None) or [])
+    if precision not in (torch.float16, torch.bfloat16):
+        return None
+    lists = class_attributes(config, ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict"))
+    kept = set(lists["_keep_in_fp32_modules_strict"])
+    if precision == torch.float16:
+        kept |= set(lists["_keep_in_fp32_modules"])
     if not kept:
         return None
     return re.compile("|".join(f"(?:{name.replace('*', '.*')})" for name in sorted(kept)))
+
+
+def class_attributes(config: dict, names: tuple[str, ...]) -> dict[str, list[str]]:
+    """List attributes of the model class config.json names, read from transformers' source without importing it
+    (importing a model class costs seconds): the class in `models/<model_type>/modeling_<model_type>.py`, then its
+    bases defined in that file, nearest first, as Python resolves a class attribute."""
+    found: dict[str, list[str]] = {name: [] for name in names}
+    architectures, model_type = config.get("architectures") or [None], config.get("model_type")
+    spec = importlib.util.find_spec("transformers")
+    if not isinstance(architectures[0], str) or not isinstance(model_type, str) or spec is None or not spec.origin:
+        return found
+    source = Path(spec.origin).parent / "models" / model_type / f"modeling_{model_type}.py"
+    if not re.fullmatch(r"\w+", model_type) or not source.is_file():
+        return found
+    classes = {node.name: node for node in ast.parse(source.read_text()).body if isinstance(node, ast.ClassDef)}
+    for name in names:
+        found[name] = _class_attribute(classes, architectures[0], name)
+    return found
+
+
+def _class_attribute(classes: dict[str, ast.ClassDef], class_name: str, attribute: str) -> list[str]:
+    """A list of strings assigned to `attribute` in a class or, failing that, in its bases (depth first)."""
+    node = classes.get(class_name)
+    if node is None:
+        return []
+    for statement in node.body:
+        targets = statement.targets if isinstance(statement, ast.Assign) else [getattr(statement, "target", None)]
+        if any(isinstance(t, ast.Name) and t.id == attribute for t in targets):
+            value = getattr(statement, "value", None)
+            try:
+                return [str(v) for v in ast.literal_eval(value)] if value is not None else []
+            except ValueError:  # not a literal: unknown
+                return []
+    for base in node.bases:
+        if isinstance(base, ast.Name) and base.id in classes:
+            inherited = _class_attribute(classes, base.id, attribute)
+            if inherited:
+                return inherited
+    return []
 
 
 SAMPLE_BYTES = 1024  # read from the start and from the middle of every tensor

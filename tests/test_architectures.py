@@ -457,3 +457,22 @@ def test_a_resized_vocabulary_is_compared_on_the_rows_both_models_have(models, t
     rows = {row["name"]: row for row in report["tensors"]}
     assert rows["model.embed_tokens.weight"]["status"] == "match"
     assert rows["lm_head.weight"]["status"] == "match"
+
+
+@pytest.mark.parametrize(
+    "architecture",
+    ["GptOssForCausalLM", "DeepseekV3ForCausalLM", "Glm4MoeForCausalLM", "Ernie4_5_MoeForCausalLM",
+     "Qwen3MoeForCausalLM", "MixtralForCausalLM", "LlamaForCausalLM", "Gemma2ForCausalLM", "Starcoder2ForCausalLM"],
+)  # fmt: skip
+def test_the_fp32_kept_modules_read_from_source_are_the_classes_own(architecture):
+    """kept_in_fp32 reads transformers' source instead of importing the class (seconds): it must agree."""
+    import transformers
+
+    from common.model_layout import class_attributes
+
+    model_class = getattr(transformers, architecture)
+    config = {"architectures": [architecture], "model_type": model_class.config_class.model_type}
+    names = ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict")
+    read = class_attributes(config, names)
+    for name in names:
+        assert sorted(read[name]) == sorted(getattr(model_class, name) or []), name
