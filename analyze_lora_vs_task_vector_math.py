@@ -17,7 +17,6 @@ common/export.py (the LoRA export), common/analysis_report.py (the findings); do
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 from common.adapter import LoraAdapter
@@ -33,13 +32,16 @@ from common.cli import (
     log,
     parse_with_config,
     positive_int,
+    rank_or_auto,
+    regex,
     require,
     resolve_device,
     run,
     setup_logging,
     tensor_progress,
 )
-from common.export import FOLDER, ExportRequest, LoraExporter, recorded_base_config
+from common.export import FOLDER, ExportRequest, LoraExporter, ModuleKinds, recorded_base_dir
+from common.finite import strict_json
 from common.lora import plan_deltas
 from common.model_layout import read_config
 from common.outputs import check_output_dir, staged_output_dir
@@ -62,8 +64,64 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base_model", default=None, help="base model (hub id or folder): residual in ulps")
     parser.add_argument("--output_dir", type=Path, default=Path("mathematical_analysis"), help="report folder")
     add_switch(parser, "--full_svd", "exact SVDs even of large matrices (else randomized above 512)")
+    add_export_flags(parser)
+    add_switch(parser, "--skip_plots", "write analysis.json and report.md only (an export-only run)")
+    add_residual_base(parser)
+    add_overwrite(parser)
+    args = parse_with_config(parser, argv)
+    require(args, "task_vector_file")
+    at_most_one(args, "lora_file", "lora_path")
+    at_most_one(args, "export_lora", "export_lora_energy")
+    setup_logging(args.verbose)
+
+    device = resolve_device(args.device)
+    base_dir = resolve_model(args.base_model, "base model") if args.base_model else None
+    adapter = LoraAdapter(resolve_adapter(args.lora_path), base_dir, args.residual_base) if args.lora_path else None
+    lora = adapter.folder if adapter else args.lora_file
+    inputs = [args.task_vector_file] + ([lora] if lora else []) + ([base_dir] if base_dir else [])
+    check_output_dir(args.output_dir, inputs, args.overwrite)
+    with contextlib.ExitStack() as stack:
+        task_vector = stack.enter_context(CheckpointIndex(args.task_vector_file))
+        base = stack.enter_context(CheckpointIndex(base_dir)) if base_dir else None
+        deltas, count = None, len(task_vector)
+        if adapter is not None:
+            stack.callback(adapter.close)
+            config = read_config(base_dir) if base_dir else {}
+            plan = plan_deltas(adapter, base, config, set(task_vector.names()))
+            merge_dtype = dtype_from_name(task_vector.metadata.get("finetuned_dtype", ""))
+            deltas = deltas_from_adapter(adapter, plan, base, device, merge_dtype)
+        elif args.lora_file is not None:
+            lora_deltas = stack.enter_context(CheckpointIndex(args.lora_file))
+            deltas = deltas_from_file(lora_deltas, base, device)
+        exporter = make_exporter(args, task_vector, base_dir)
+        staging = stack.enter_context(staged_output_dir(args.output_dir))
+        with tensor_progress(count, "analyze", args.verbose) as step:
+            known = stats_beside(args.task_vector_file).status
+            analysis = analyze_files(deltas, task_vector, device, step, args.full_svd, known, exporter, base)
+        analysis.lora_source = "lora_path" if adapter else "lora_file" if args.lora_file else None
+        if exporter is not None:
+            base_model = task_vector.metadata.get("base_model") or args.base_model
+            analysis.export = exporter.write(staging / FOLDER, adapter.config if adapter else None, base_model)
+        report = analysis_report(analysis)
+        (staging / "analysis.json").write_text(strict_json(report))
+        plots = [] if args.skip_plots else analysis_plots(analysis, staging)
+        (staging / "report.md").write_text(analysis_markdown(report, plots))
+
+    log.info("FINDINGS:")
+    for line in report["summary"]["findings"]:
+        log.info(f"   {line}")
+    log.info(f"\n{', '.join(['analysis.json', 'report.md', *plots])} in {args.output_dir}/")
+    if analysis.export is not None:
+        log.info(f"the exported adapter in {args.output_dir / FOLDER}/ ({analysis.export.seconds:.1f} s)")
+    return 0
+
+
+def add_export_flags(parser) -> None:
     parser.add_argument(
-        "--export_lora", type=positive_int, metavar="RANK", help="also write τ as a rank-RANK peft LoRA (truncated SVD)"
+        "--export_lora",
+        type=rank_or_auto,
+        metavar="RANK|auto",
+        help="also write τ as a peft LoRA: rank RANK, or auto (the singular values above the noise threshold)",
     )
     parser.add_argument(
         "--export_lora_energy",
@@ -71,58 +129,32 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FRACTION",
         help="the same, per tensor the smallest rank keeping FRACTION of ‖τ‖²_F",
     )
-    add_residual_base(parser)
-    add_overwrite(parser)
-    args = parse_with_config(parser, argv)
-    require(args, "task_vector_file")
-    at_most_one(args, "lora_file", "lora_path", required=True)
-    at_most_one(args, "export_lora", "export_lora_energy")
-    setup_logging(args.verbose)
+    parser.add_argument("--max_rank", type=positive_int, default=None, help="cap of the auto and energy ranks (256)")
+    parser.add_argument("--export_include", type=regex, default=None, help="export only tensors matching this regex")
+    parser.add_argument("--export_exclude", type=regex, default=None, help="do not export tensors matching it")
+    parser.add_argument(
+        "--export_embeddings",
+        choices=["lora", "copy"],
+        default="lora",
+        help="an embedding as an embedding LoRA, or as a full copy (modules_to_save; needs --base_model)",
+    )
 
-    device = resolve_device(args.device)
-    base_dir = resolve_model(args.base_model, "base model") if args.base_model else None
-    adapter = LoraAdapter(resolve_adapter(args.lora_path), base_dir, args.residual_base) if args.lora_path else None
-    inputs = [adapter.folder if adapter else args.lora_file, args.task_vector_file] + ([base_dir] if base_dir else [])
-    check_output_dir(args.output_dir, inputs, args.overwrite)
-    with contextlib.ExitStack() as stack:
-        task_vector = stack.enter_context(CheckpointIndex(args.task_vector_file))
-        base = stack.enter_context(CheckpointIndex(base_dir)) if base_dir else None
-        changes = {}
-        if adapter is not None:
-            stack.callback(adapter.close)
-            config = read_config(base_dir) if base_dir else {}
-            plan = plan_deltas(adapter, base, config, set(task_vector.names()))
-            merge_dtype = dtype_from_name(task_vector.metadata.get("finetuned_dtype", ""))
-            deltas = deltas_from_adapter(adapter, plan, base, device, merge_dtype)
-            count, changes = len(plan.specs), plan.changes
-        else:
-            lora_deltas = stack.enter_context(CheckpointIndex(args.lora_file))
-            deltas, count = deltas_from_file(lora_deltas, base, device), len(lora_deltas)
-        exporter = None
-        if args.export_lora or args.export_lora_energy:
-            request = ExportRequest(args.export_lora, args.export_lora_energy, args.full_svd)
-            exporter = LoraExporter(request, changes, recorded_base_config(base_dir, task_vector.metadata))
-        staging = stack.enter_context(staged_output_dir(args.output_dir))
-        with tensor_progress(count, "analyze", args.verbose) as step:
-            known = stats_beside(args.task_vector_file).status
-            on_matrix = exporter.add if exporter else None
-            analysis = analyze_files(deltas, task_vector, device, step, args.full_svd, known, on_matrix)
-        analysis.lora_source = "lora_path" if adapter else "lora_file"
-        if exporter is not None:
-            base_model = task_vector.metadata.get("base_model") or args.base_model
-            analysis.export = exporter.write(staging / FOLDER, adapter.config if adapter else None, base_model)
-        report = analysis_report(analysis)
-        (staging / "analysis.json").write_text(json.dumps(report, indent=2) + "\n")
-        plots = analysis_plots(analysis, staging)
-        (staging / "report.md").write_text(analysis_markdown(report, plots))
 
-    log.info("FINDINGS:")
-    for line in report["summary"]["findings"]:
-        log.info(f"   {line}")
-    log.info(f"\nanalysis.json, report.md and {', '.join(plots)} in {args.output_dir}/")
-    if analysis.export is not None:
-        log.info(f"the exported adapter in {args.output_dir / FOLDER}/ ({analysis.export.seconds:.1f} s)")
-    return 0
+def make_exporter(args, task_vector: CheckpointIndex, base_dir: Path | None) -> LoraExporter | None:
+    if not (args.export_lora or args.export_lora_energy):
+        return None
+    request = ExportRequest(
+        rank=args.export_lora if isinstance(args.export_lora, int) else None,
+        energy=args.export_lora_energy,
+        auto=args.export_lora == "auto",
+        max_rank=args.max_rank,
+        full_svd=args.full_svd,
+        include=args.export_include,
+        exclude=args.export_exclude,
+        embeddings=args.export_embeddings,
+    )
+    kinds = ModuleKinds(recorded_base_dir(base_dir, task_vector.metadata))
+    return LoraExporter(request, kinds, task_vector.shapes())
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ docs/reports.md for the report's fields.
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 from common.adapter import LoraAdapter
@@ -36,6 +35,7 @@ from common.cli import (
 from common.compare import compare_adapter
 from common.compare_report import comparison_summary, console_block, tensor_rows, write_comparison_reports
 from common.diagnosis import diagnose
+from common.finite import strict_json
 from common.lora import plan_deltas
 from common.model_layout import read_config
 from common.outputs import check_output_dir, staged_output_dir
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         comparison_plots(rows, comparison.ulp_errors, comparison.merge_dtype, staging)
 
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(strict_json(summary), end="")
     else:
         log.info(console_block(summary))
         log.info(f"\nreports and plots in {args.output_dir}/")

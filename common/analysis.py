@@ -1,4 +1,6 @@
-"""Step 4's logic: the spectral analysis of every LoRA-adapted tensor, aggregated by module and layer."""
+"""Step 4's logic: the spectral analysis of every LoRA-adapted tensor against τ, and of τ's other changed
+matrices on their own (with no LoRA: of all of them), aggregated by module and layer; each changed tensor is
+handed to the LoRA export while it is in memory."""
 
 from __future__ import annotations
 
@@ -9,25 +11,28 @@ import torch
 
 from common.adapter import LoraAdapter, LoraTarget
 from common.errors import UserError
-from common.export import LoraExport
+from common.export import LoraExport, LoraExporter
 from common.finite import require_finite
 from common.lora import DeltaPlan, exact_delta, product_magnitude, rounded_at_dtype
 from common.metrics import evenly_spaced, residual_ulps, rounding_bound
 from common.precision import dtype_from_name
 from common.safetensors_io import CheckpointIndex
-from common.spectra import TensorSpectrum, analyze_tensor, factor_spectrum
+from common.spectra import TaskVectorSpectrum, TensorSpectrum, analyze_task_vector, analyze_tensor, factor_spectrum
 from common.task_vector import TauStatus, stored_status
 
 
 @dataclass
 class Analysis:
     tensors: list[TensorSpectrum] = field(default_factory=list)
+    task_vector_tensors: list[TaskVectorSpectrum] = field(default_factory=list)  # τ's other changed matrices
     lora_only: list[str] = field(default_factory=list)
     not_matrices: list[str] = field(default_factory=list)  # biases and other vectors: no spectrum to analyse
     task_vector_only_nonzero: list[str] = field(default_factory=list)
     task_vector_only_unchanged: int = 0
     merge_dtype: str | None = None
-    lora_source: str = "lora_file"  # or "lora_path": Δ computed from the adapter in float64
+    lora_source: str | None = None  # lora_file, lora_path (Δ computed from the adapter in float64), or None (τ alone)
+    energy: dict[str, float] = field(default_factory=dict)  # ‖τ‖²_F of every non-zero tensor
+    residual_energy: float = 0.0  # Σ ‖τ − Δ‖²_F over τ's tensors (Δ = 0 where the adapter does not reach)
     ulp_samples: list[torch.Tensor] = field(default_factory=list)  # per tensor, (τ − Δ) in ulps (with a base)
     export: LoraExport | None = None  # --export_lora: τ as a LoRA adapter
 
@@ -80,29 +85,27 @@ def deltas_from_adapter(
 
 
 def analyze_files(
-    deltas: Iterable[LoraDelta],
+    deltas: Iterable[LoraDelta] | None,
     task_vector: CheckpointIndex,
     device: torch.device,
     on_tensor: Callable[[str], None] = lambda line: None,
     full_svd: bool = False,
     known_status: dict[str, str] | None = None,
-    on_matrix: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
+    exporter: LoraExporter | None = None,
+    base: CheckpointIndex | None = None,
 ) -> Analysis:
-    """Analyze every matrix Δ against τ; count τ's other tensors that are non-zero.
+    """Analyze every matrix Δ against τ (none when `deltas` is None: τ alone), then τ's other changed matrices on
+    their own; hand every changed tensor to `exporter`.
 
     The extraction's stats (`known_status`) say which of τ's other tensors are zero without reading them.
-    `on_matrix(name, Δ, τ)` gets every analysed pair while it is in memory (the LoRA export).
     """
     analysis = Analysis(merge_dtype=task_vector.metadata.get("finetuned_dtype"))
     merge_dtype = dtype_from_name(analysis.merge_dtype or "")
     seen = set()
-    for item in deltas:
+    for item in deltas or []:
         seen.add(item.name)
         if item.name not in task_vector:
             analysis.lora_only.append(item.name)
-            continue
-        if item.delta.dim() != 2:
-            analysis.not_matrices.append(item.name)
             continue
         tau = task_vector.read(item.name).to(device)
         require_finite(tau, f"{task_vector.source}: tensor {item.name}")
@@ -110,25 +113,74 @@ def analyze_files(
             raise UserError(
                 f"{item.name}: LoRA delta {list(item.delta.shape)} and task vector {list(tau.shape)} do not match"
             )
-        spectrum = analyze_tensor(item.name, item.delta, tau, torch.float32, full_svd, item.spectrum)
+        _count_energy(analysis, item.name, tau, item.delta)
+        if item.delta.dim() != 2:
+            analysis.not_matrices.append(item.name)
+            if exporter is not None:
+                exporter.add(item.name, tau, item.base_weight, item.delta)
+            continue
+        spectrum, decomposition = analyze_tensor(item.name, item.delta, tau, torch.float32, full_svd, item.spectrum)
         if item.base_weight is not None and merge_dtype is not None and item.base_weight.shape == tau.shape:
             analysis.ulp_samples.append(add_residual_in_ulps(spectrum, item, tau, merge_dtype))
         analysis.tensors.append(spectrum)
-        if on_matrix is not None:
-            on_matrix(item.name, item.delta, tau)
+        if exporter is not None:
+            exporter.add(item.name, tau, item.base_weight, item.delta, decomposition)
         on_tensor(
             f"{item.name}: rank Δ {spectrum.rank_lora}, rank τ {spectrum.rank_task_vector}, "
             f"angle {spectrum.principal_angle_deg:.2e}°, rel. error {spectrum.rel_error:.2e}"
         )
-    if not analysis.tensors:
+    if deltas is not None and not analysis.tensors:
         raise UserError("no LoRA-adapted tensor is in the task vector file: not the same model")
     for name in task_vector.names():
         if name not in seen:
-            if stored_status(name, task_vector, None, merge_dtype, known_status) == TauStatus.UNCHANGED:
-                analysis.task_vector_only_unchanged += 1
-            else:
-                analysis.task_vector_only_nonzero.append(name)
+            analyze_other(analysis, name, task_vector, device, full_svd, known_status, exporter, base, on_tensor)
+    if not analysis.tensors and not analysis.task_vector_tensors and exporter is None:
+        raise UserError(f"{task_vector.source}: no tensor of τ changed: nothing to analyse")
     return analysis
+
+
+def analyze_other(
+    analysis: Analysis,
+    name: str,
+    task_vector: CheckpointIndex,
+    device: torch.device,
+    full_svd: bool,
+    known_status: dict[str, str] | None,
+    exporter: LoraExporter | None,
+    base: CheckpointIndex | None,
+    on_tensor: Callable[[str], None],
+) -> None:
+    """A tensor of τ the LoRA does not reach: counted when zero; else its energy, and for a changed matrix its rank
+    profile (analyze_task_vector); handed to the export unless it is only the base's rounding."""
+    merge_dtype = dtype_from_name(analysis.merge_dtype or "")
+    status = stored_status(name, task_vector, None, merge_dtype, known_status)
+    if status == TauStatus.UNCHANGED:
+        analysis.task_vector_only_unchanged += 1
+        return
+    analysis.task_vector_only_nonzero.append(name)
+    tau = task_vector.read(name).to(device)
+    require_finite(tau, f"{task_vector.source}: tensor {name}")
+    _count_energy(analysis, name, tau, None)
+    if status == TauStatus.ROUNDING_ARTIFACT:
+        if exporter is not None:
+            exporter.skip(name, "only the base's rounding to the merge's dtype: nothing learned", tau)
+        return
+    decomposition = None
+    if tau.dim() == 2 and min(tau.shape) > 1:
+        spectrum, decomposition = analyze_task_vector(name, tau, torch.float32, full_svd)
+        analysis.task_vector_tensors.append(spectrum)
+        on_tensor(f"{name}: rank τ {spectrum.rank}, 90% of ‖τ‖² in {spectrum.energy_rank_90} directions")
+    if exporter is not None:
+        weight = base.read(name).to(device) if base is not None and name in base else None
+        exporter.add(name, tau, weight, None, decomposition)
+
+
+def _count_energy(analysis: Analysis, name: str, tau: torch.Tensor, delta: torch.Tensor | None) -> None:
+    """‖τ‖² of this tensor, and ‖τ − Δ‖²: what the adapter leaves of it (Δ = 0 where it does not reach)."""
+    tau = tau.double()
+    analysis.energy[name] = float(tau.square().sum())
+    rest = tau if delta is None else tau - delta.double()
+    analysis.residual_energy += float(rest.square().sum())
 
 
 def add_residual_in_ulps(

@@ -7,7 +7,7 @@ docs/reports.md.
 from __future__ import annotations
 
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import asdict
 
@@ -42,17 +42,42 @@ def aggregate(spectra: list[TensorSpectrum], key: Callable[[TensorSpectrum], obj
 
 def findings(analysis: Analysis) -> list[str]:
     """The report's conclusions, in plain language, from the numbers alone."""
-    spectra = analysis.tensors
-    lines = rank_findings(analysis) + subspace_findings(spectra)
-    lines += base_findings(analysis)
-    others = len(analysis.task_vector_only_nonzero)
-    lines.append(
-        f"Tensors in τ that the adapter does not touch: {others + analysis.task_vector_only_unchanged} "
-        f"({analysis.task_vector_only_unchanged} unchanged, {others} non-zero)."
-    )
+    lines = []
+    if analysis.tensors:
+        lines += rank_findings(analysis) + subspace_findings(analysis.tensors) + base_findings(analysis)
+        others = len(analysis.task_vector_only_nonzero)
+        lines.append(
+            f"Tensors in τ that the adapter does not touch: {others + analysis.task_vector_only_unchanged} "
+            f"({analysis.task_vector_only_unchanged} unchanged, {others} non-zero)."
+        )
+        lines.append(reproduced_finding(analysis))
+    lines += task_vector_findings(analysis)
     if analysis.export is not None:
         lines += export_findings(analysis.export)
     return lines
+
+
+def reproduced_finding(analysis: Analysis) -> str:
+    """The share of ‖τ‖² the adapter reproduces: 1 − Σ‖τ − Δ‖² / Σ‖τ‖² over every tensor of τ."""
+    total = sum(analysis.energy.values())
+    share = 1 - analysis.residual_energy / total if total else 1.0
+    return f"The adapter reproduces {100 * share:.6g}% of ‖τ‖²_F (1 − Σ‖τ − Δ‖² / Σ‖τ‖² over every tensor of τ)."
+
+
+def task_vector_findings(analysis: Analysis) -> list[str]:
+    """τ's changed matrices the adapter does not reach (all of them with no adapter): how low-rank they are."""
+    spectra = analysis.task_vector_tensors
+    if not spectra:
+        return []
+    where = "the adapter does not reach" if analysis.tensors else "of τ"
+    ranks90 = [s.energy_rank_90 for s in spectra if s.energy_rank_90 is not None]
+    fractions = [s.energy_rank_90 / min(s.shape) for s in spectra if s.energy_rank_90 is not None]
+    return [
+        f"{len(spectra)} changed matrices {where}: 90% of each one's ‖τ‖²_F lies in "
+        f"{_listing(sorted(ranks90))} singular directions (median {statistics.median(ranks90):g}, "
+        f"{100 * statistics.median(fractions):.3g}% of min(m, n)); stable rank median "
+        f"{statistics.median(s.stable_rank for s in spectra):.3g}."
+    ]
 
 
 def rank_findings(analysis: Analysis) -> list[str]:
@@ -135,9 +160,15 @@ def _listing(values: list[int]) -> str:
 
 def analysis_report(analysis: Analysis) -> dict:
     """The content of analysis.json."""
+    total = sum(analysis.energy.values())
     return {
         "summary": {
             "tensors": len(analysis.tensors),
+            "task_vector_tensors": len(analysis.task_vector_tensors),
+            "task_vector_energy": total,
+            "reproduced_energy_share": (1 - analysis.residual_energy / total if total else None)
+            if analysis.lora_source
+            else None,
             "merge_dtype": analysis.merge_dtype,
             "lora_source": analysis.lora_source,
             "lora_spectra_from_factors": sum(s.lora_spectrum_from_factors for s in analysis.tensors),
@@ -150,42 +181,43 @@ def analysis_report(analysis: Analysis) -> dict:
         "by_module": aggregate(analysis.tensors, lambda s: s.module),
         "by_layer": aggregate(analysis.tensors, lambda s: s.layer),
         "tensors": [asdict(s) for s in analysis.tensors],
+        "task_vector_tensors": [asdict(s) for s in analysis.task_vector_tensors],
         **({"export_lora": export_report(analysis.export)} if analysis.export is not None else {}),
     }
 
 
 def export_report(export: LoraExport) -> dict:
     """analysis.json's export_lora section."""
+    request = export.request
     return {
         "folder": FOLDER,
-        "rank": export.request.rank,
-        "energy": export.request.energy,
+        "rank": request.rank,
+        "energy": request.energy,
+        "auto": request.auto,
+        "max_rank": request.cap if request.rank is None else None,
         "seconds": round(export.seconds, 3),
-        "skipped": export.skipped,
+        "exported_share": sum(t.share for t in export.tensors),
+        "kept_share": sum(t.share * t.kept_energy for t in export.tensors),
+        "skipped": {
+            name: {"reason": why, "share": export.skipped_share.get(name)} for name, why in export.skipped.items()
+        },
         "tensors": [asdict(t) for t in export.tensors],
     }
 
 
 def export_findings(export: LoraExport) -> list[str]:
     """The export's lines in the findings."""
-    tensors = export.tensors
-    ranks = sorted(t.rank for t in tensors)
-    errors = [t.rel_error for t in tensors]
-    if export.request.rank is not None:
-        capped = sum(t.rank < export.request.rank for t in tensors)
-        how = f"rank {export.request.rank}" + (f" (min(m, n) in {capped} smaller tensors)" if capped else "")
-    else:
-        how = (
-            f"the smallest rank keeping {100 * export.request.energy:g}% of each tensor's energy, "
-            f"{ranks[0]}–{ranks[-1]} (median {statistics.median(ranks):g})"
+    factored = [t for t in export.tensors if t.form == "lora"]
+    lines = [_export_summary(export)]
+    if factored:
+        errors = [t.rel_error for t in factored if t.rel_error is not None]
+        lines.append(
+            f"{len(factored)} matrices as LoRA factors, truncated SVD at {_rank_rule(export, factored)}: "
+            f"‖τ − BA‖/‖τ‖ median {statistics.median(errors):.2e}, max {max(errors):.2e}; the energy left out, "
+            f"1 − Σ_(i≤k) σᵢ²/‖τ‖², at most {max(0.0, *(1 - t.kept_energy for t in factored)):.2e} "
+            "(= error²: Eckart–Young)."
         )
-    skipped = f"; {len(export.skipped)} skipped" if export.skipped else ""
-    lines = [
-        f"Exported τ as a LoRA ({FOLDER}/, {len(tensors)} modules{skipped}), truncated SVD at {how}: "
-        f"‖τ − BA‖/‖τ‖ median {statistics.median(errors):.2e}, max {max(errors):.2e}; the energy left out, "
-        f"1 − Σ_(i≤k) σᵢ²/‖τ‖², at most {max(0.0, *(1 - t.kept_energy for t in tensors)):.2e} (= error²: Eckart–Young)."
-    ]
-    against_lora = [t.rel_error_lora for t in tensors if t.rel_error_lora is not None]
+    against_lora = [t.rel_error_lora for t in factored if t.rel_error_lora is not None]
     if against_lora:
         lines.append(
             f"The exported LoRA against Δ: ‖Δ − BA‖/‖Δ‖ median {statistics.median(against_lora):.2e}, "
@@ -194,41 +226,89 @@ def export_findings(export: LoraExport) -> list[str]:
     return lines
 
 
+def _export_summary(export: LoraExport) -> str:
+    exported = sum(t.share for t in export.tensors)
+    kept = sum(t.share * t.kept_energy for t in export.tensors)
+    forms = Counter(t.form for t in export.tensors)
+    listing = ", ".join(f"{n} as {form}" for form, n in sorted(forms.items()))
+    skipped = ""
+    if export.skipped:
+        share = sum(export.skipped_share.values())
+        skipped = f"; {len(export.skipped)} not exported ({100 * share:.3g}% of ‖τ‖², listed with why)"
+    return (
+        f"Exported τ as a peft adapter ({FOLDER}/: {listing}{skipped}): it holds {100 * exported:.6g}% of ‖τ‖²_F's "
+        f"tensors and reproduces {100 * kept:.6g}% of ‖τ‖²_F."
+    )
+
+
+def _rank_rule(export: LoraExport, factored: list) -> str:
+    ranks = sorted(t.rank for t in factored)
+    request = export.request
+    if request.rank is not None:
+        capped = sum(t.rank < request.rank for t in factored)
+        return f"rank {request.rank}" + (f" (min(m, n) in {capped} smaller tensors)" if capped else "")
+    spread = f"{ranks[0]}–{ranks[-1]} (median {statistics.median(ranks):g}, cap {request.cap})"
+    if request.energy is not None:
+        return f"the smallest rank keeping {100 * request.energy:g}% of each tensor's energy, {spread}"
+    return f"the singular values above Gavish–Donoho's threshold for the noise each tensor shows, {spread}"
+
+
 def analysis_markdown(report: dict, plots: list[str]) -> str:
     """report.md: findings, the per-module table, the plots, then every tensor."""
     summary = report["summary"]
     lines = ["# LoRA delta Δ vs task vector τ: mathematical analysis", "", "## Findings", ""]
     lines += [f"- {line}" for line in summary["findings"]]
-    lines += ["", "## By module type", "", "| module | tensors | median ‖τ−Δ‖/‖Δ‖ | max angle (°) | ranks of τ |"]
-    lines.append("|---|---|---|---|---|")
-    for module, row in report["by_module"].items():
-        lines.append(
-            f"| {module} | {row['tensors']} | {row['median_rel_error']:.2e} | "
-            f"{row['max_principal_angle_deg']:.2e} | {', '.join(map(str, row['ranks_task_vector']))} |"
-        )
-    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
-    lines += ["", "## Tensors", "", "| tensor | rank Δ | rank τ | cosine | ‖τ−Δ‖/‖Δ‖ | angle (°) | σ_(r+1)/σ₁ |"]
-    lines.append("|---|---|---|---|---|---|---|")
-    for t in report["tensors"]:
-        lines.append(
-            f"| {t['name']} | {t['rank_lora']} | {t['rank_task_vector']} | {t['cosine']:.6f} | "
-            f"{t['rel_error']:.2e} | {t['principal_angle_deg']:.2e} | {t['sigma_tail_ratio']:.2e} |"
-        )
+    if report["tensors"]:
+        lines += ["", "## By module type", "", "| module | tensors | median ‖τ−Δ‖/‖Δ‖ | max angle (°) | ranks of τ |"]
+        lines.append("|---|---|---|---|---|")
+        for module, row in report["by_module"].items():
+            lines.append(
+                f"| {module} | {row['tensors']} | {row['median_rel_error']:.2e} | "
+                f"{row['max_principal_angle_deg']:.2e} | {', '.join(map(str, row['ranks_task_vector']))} |"
+            )
+    lines += (["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]) if plots else []
+    if report["tensors"]:
+        lines += ["", "## Tensors", "", "| tensor | rank Δ | rank τ | cosine | ‖τ−Δ‖/‖Δ‖ | angle (°) | σ_(r+1)/σ₁ |"]
+        lines.append("|---|---|---|---|---|---|---|")
+        for t in report["tensors"]:
+            lines.append(
+                f"| {t['name']} | {t['rank_lora']} | {t['rank_task_vector']} | {t['cosine']:.6f} | "
+                f"{t['rel_error']:.2e} | {t['principal_angle_deg']:.2e} | {t['sigma_tail_ratio']:.2e} |"
+            )
+    if report["task_vector_tensors"]:
+        lines += task_vector_markdown(report["task_vector_tensors"])
     if "export_lora" in report:
         lines += export_markdown(report["export_lora"])
     return "\n".join(lines) + "\n"
+
+
+def task_vector_markdown(tensors: list[dict]) -> list[str]:
+    """report.md's table of τ's matrices analysed on their own: their rank profile."""
+    lines = ["", "## τ on its own", "", "| tensor | shape | rank | 90% of ‖τ‖² in | 99% in | stable rank |"]
+    lines.append("|---|---|---|---|---|---|")
+    for t in tensors:
+        bound = "≥ " if t["rank_is_lower_bound"] else ""
+        lines.append(
+            f"| {t['name']} | {' × '.join(map(str, t['shape']))} | {bound}{t['rank']} | {t['energy_rank_90']} | "
+            f"{t['energy_rank_99']} | {t['stable_rank']:.3g} |"
+        )
+    return lines
 
 
 def export_markdown(export: dict) -> list[str]:
     """report.md's table of the exported LoRA: rank, kept energy and errors per tensor."""
     lines = ["", f"## Exported LoRA ({export['folder']}/)", ""]
     if export["skipped"]:
-        lines += [f"- {name}: skipped, {reason}" for name, reason in export["skipped"].items()] + [""]
-    lines += ["| tensor | layout | rank | kept energy | ‖τ−BA‖/‖τ‖ | ‖Δ−BA‖/‖Δ‖ |", "|---|---|---|---|---|---|"]
+        lines += [f"- {name}: not exported, {v['reason']}" for name, v in export["skipped"].items()] + [""]
+    lines += [
+        "| tensor | form | layout | share of ‖τ‖² | rank | kept energy | ‖τ−BA‖/‖τ‖ | ‖Δ−BA‖/‖Δ‖ |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for t in export["tensors"]:
         against_lora = "–" if t["rel_error_lora"] is None else f"{t['rel_error_lora']:.2e}"
+        error = "–" if t["rel_error"] is None else f"{t['rel_error']:.2e}"
         lines.append(
-            f"| {t['name']} | {t['layout']} | {t['rank']} | {t['kept_energy']:.9f} | {t['rel_error']:.2e} | "
-            f"{against_lora} |"
+            f"| {t['name']} | {t['form']} | {t['layout']} | {t['share']:.3g} | {t['rank']} | {t['kept_energy']:.9f} | "
+            f"{error} | {against_lora} |"
         )
     return lines

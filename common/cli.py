@@ -90,6 +90,20 @@ def positive_int(text: str) -> int:
     return rank
 
 
+def rank_or_auto(text: str) -> int | str:
+    """A rank (a positive integer), or `auto`."""
+    return "auto" if text.strip().lower() == "auto" else positive_int(text)
+
+
+def regex(text: str) -> str:
+    """A regular expression, compiled once to say at once when it is not one."""
+    try:
+        re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"not a regular expression: {text!r} ({e})") from None
+    return text
+
+
 def fraction(text: str) -> float:
     """A share, such as of ‖τ‖²_F to keep: in (0, 1]."""
     try:

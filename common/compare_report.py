@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import asdict
 from pathlib import Path
 
 from common.compare import Comparison
 from common.diagnosis import Diagnosis
-from common.finite import json_number
+from common.finite import json_number, strict_json
 from common.metrics import PERFECT_COSINE
 from common.precision import short_name
 from common.task_vector import TauStatus
@@ -62,7 +61,7 @@ def tensor_rows(comparison: Comparison) -> list[dict]:
 
 def write_comparison_reports(summary: dict, rows: list[dict], out_dir: Path) -> None:
     report = {"summary": summary, "tensors": rows}
-    (out_dir / "comparison_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "comparison_report.json").write_text(strict_json(report))
     with open(out_dir / "comparison_report.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=REPORT_FIELDS + EXTRA_FIELDS)
         writer.writeheader()

@@ -1,18 +1,27 @@
-"""--export_lora: τ written back as a peft LoRA adapter by truncated SVD, with each tensor's reconstruction error.
+"""--export_lora: τ written back as a peft adapter — every changed tensor, or listed with its share of ‖τ‖².
 
-What mergekit's extract-lora does, plus the error of every tensor and a rank chosen by kept energy.
-Per tensor, M is τ in peft's orientation, out × in: τ itself for an nn.Linear weight, τᵀ for a Conv1D weight
-(stored in × out, `fan_in_fan_out`) and for an embedding (stored vocab × dim; peft's Δ = (B @ A)ᵀ there).
-Its top-k singular triplets M ≈ U_k Σ_k V_kᵀ are split evenly between the factors,
+Matrices (nn.Linear, Conv1D, nn.Embedding weights) become LoRA factors by truncated SVD. Per tensor, M is τ in
+peft's orientation, out × in: τ itself for an nn.Linear weight, τᵀ for a Conv1D weight (stored in × out,
+`fan_in_fan_out`) and for an embedding (stored vocab × dim; peft's Δ = (B @ A)ᵀ there). Its top-k singular
+triplets M ≈ U_k Σ_k V_kᵀ are split evenly between the factors,
 
     B = U_k Σ_k^½ (out × k),   A = Σ_k^½ V_kᵀ (k × in),
 
-so that both sit on the same scale (mergekit's default split too; the product is the same either way). It is
-all float64 until the factors are saved as fp32. lora_alpha = r makes peft's scaling 1: it merges exactly B @ A.
+all in float64 until the factors are saved as fp32; lora_alpha = r makes peft's scaling 1, so it merges B @ A.
+Eckart–Young: no rank-k matrix is closer to M, and ‖M − B A‖²_F = ‖M‖²_F − Σ_{i≤k} σᵢ² (the relative error² and the
+kept energy add up to 1; the fp32 rounding of the factors adds only its square).
 
-Eckart–Young: no rank-k matrix is closer to M than U_k Σ_k V_kᵀ, and ‖M − B A‖²_F = ‖M‖²_F − Σ_{i≤k} σᵢ².
-So the relative error² and the kept energy Σ_{i≤k} σᵢ² / ‖M‖²_F add up to 1; the fp32 rounding of the factors
-adds only its square (its first-order part is orthogonal to the residual).
+The rank is fixed (RANK), the smallest keeping a share of ‖τ‖²_F (`energy`), or chosen per tensor (`auto`): the
+singular values above Gavish & Donoho's optimal hard threshold for white noise, λ*(β)·√n·σ̂, with the noise level σ̂
+estimated from the energy beyond the top singular values (`noise_threshold`). Never rank 0: a tensor with nothing
+above the threshold is listed, not exported.
+
+Everything else, in the form peft merges back exactly (docs/adapters.md):
+- a changed bias of a linear layer: `lora_bias` (b += s·lora_B.bias, base-free) when every LoRA target has a bias,
+  else its value with `bias: "all"` (needs the base: value = base + τ);
+- norms and any other changed module: `modules_to_save` copies of base + τ (needs the base);
+- an embedding: an embedding LoRA, or a copy with `embeddings="copy"`; when the output head is tied to it, a copy
+  with `ensure_weight_tying` (peft's merge of a LoRA on a tied embedding adds it twice): never silently untied.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,29 +37,42 @@ from pathlib import Path
 
 import torch
 
-from common.adapter import PREFIX, Change, LoraTarget
+from common.adapter import PREFIX
 from common.errors import UserError
-from common.model_layout import EMBEDDING_SUFFIXES, read_config
+from common.model_layout import read_config
 from common.safetensors_io import SafetensorsWriter, TensorSpec
-from common.spectra import FIRST_RANK_GUESS, truncated_svd
+from common.spectra import Decomposition, energy_rank, truncated_svd
 
 log = logging.getLogger("lora_tv")
 FOLDER = "exported_lora"
-LINEAR, CONV1D, EMBEDDING = "linear", "conv1d", "embedding"
+LINEAR, CONV1D, EMBEDDING, OTHER = "linear", "conv1d", "embedding", "other"
 # transformers models built on transformers.pytorch_utils.Conv1D (weights stored in × out) next to nn.Linear
 # layers (their lm_head): which of their tensors is which cannot be read off a name.
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"})
 BLOCK_BYTES = 32 * 1024 * 1024  # rows of τ − BA formed at a time to measure its norm
-ENERGY_SLACK = 1e-12  # float64 sums of σᵢ²: FRACTION 1 keeps every direction holding more than 1e-12 of ‖τ‖²
+DEFAULT_MAX_RANK = 256  # the cap of `auto` and `energy` ranks unless --max_rank says otherwise
 
 
 @dataclass(frozen=True)
 class ExportRequest:
-    """The same rank k for every tensor, or per tensor the smallest k keeping `energy` of ‖τ‖²_F."""
+    """How ranks are chosen (one of `rank`, `energy`, `auto`), which tensors are exported, and how."""
 
     rank: int | None = None
     energy: float | None = None
+    auto: bool = False
+    max_rank: int | None = None
     full_svd: bool = False
+    include: str | None = None  # a regex searched in tensor names: only those are exported
+    exclude: str | None = None
+    embeddings: str = "lora"  # or "copy": a modules_to_save copy (needs the base)
+
+    def wants(self, name: str) -> bool:
+        included = self.include is None or re.search(self.include, name) is not None
+        return included and (self.exclude is None or re.search(self.exclude, name) is None)
+
+    @property
+    def cap(self) -> int:
+        return self.max_rank or (self.rank if self.rank else DEFAULT_MAX_RANK)
 
 
 @dataclass
@@ -58,13 +81,16 @@ class ExportedTensor:
 
     name: str
     module: str
-    layout: str  # linear | conv1d (stored in × out) | embedding
+    form: str  # lora | lora_bias | bias_value | copy
+    layout: str  # linear | conv1d (stored in × out) | embedding | other
     shape: list[int]
-    rank: int
-    kept_energy: float  # Σ_{i≤k} σᵢ² / ‖τ‖²_F
-    rel_error: float  # ‖τ − BA‖_F / ‖τ‖_F with the factors as saved (fp32), in float64
-    rel_error_lora: float | None  # ‖Δ − BA‖_F / ‖Δ‖_F (None when Δ is zero)
-    exact_svd: bool  # False: a randomized SVD found the top-k directions
+    share: float  # ‖τ‖²_F of this tensor / ‖τ‖²_F of every changed tensor
+    rank: int = 0
+    kept_energy: float = 1.0  # Σ_{i≤k} σᵢ² / ‖τ‖²_F (1 for exact forms)
+    rel_error: float | None = 0.0  # ‖τ − BA‖_F / ‖τ‖_F with the factors as saved (fp32), in float64
+    rel_error_lora: float | None = None  # ‖Δ − BA‖_F / ‖Δ‖_F, when a LoRA delta was given
+    exact_svd: bool = True  # False: a randomized SVD found the top-k directions
+    threshold: float | None = None  # `auto`: the singular value threshold
 
 
 @dataclass
@@ -72,139 +98,307 @@ class LoraExport:
     request: ExportRequest
     tensors: list[ExportedTensor] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # tensor -> why it is not in the adapter
+    skipped_share: dict[str, float] = field(default_factory=dict)  # tensor -> its share of ‖τ‖²_F
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # module -> (A, B), fp32
+    bias_deltas: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> τ of its bias (lora_bias)
+    values: dict[str, torch.Tensor] = field(default_factory=dict)  # adapter key -> base + τ (copies, biases)
+    copies: list[str] = field(default_factory=list)  # modules_to_save
+    tied: bool = False  # ensure_weight_tying: a copy of an embedding the output head is tied to
     seconds: float = 0.0
+    total_energy: float = 0.0  # ‖τ‖²_F over every changed tensor
 
 
-def recorded_base_config(base_dir: Path | None, metadata: dict[str, str]) -> dict | None:
-    """config.json of the base model: --base_model's, else that of the base recorded in τ's metadata when it
-    is a local folder or in the Hugging Face cache (never downloaded); None when neither is found."""
+def recorded_base_dir(base_dir: Path | None, metadata: dict[str, str]) -> Path | None:
+    """The base model's folder: --base_model's, else that of the base recorded in τ's metadata when it is a local
+    folder or in the Hugging Face cache (never downloaded); None when neither is found."""
     if base_dir is not None:
-        return read_config(base_dir, required=False) or None
+        return base_dir
     recorded = metadata.get("base_model")
     if not recorded:
         return None
     if Path(recorded).is_dir():
-        return read_config(Path(recorded), required=False) or None
+        return Path(recorded)
     from huggingface_hub import try_to_load_from_cache
 
     try:
         cached = try_to_load_from_cache(recorded, "config.json")
     except ValueError:  # not a hub id either
         return None
-    if not isinstance(cached, str):
-        return None
-    return read_config(Path(cached).parent, required=False) or None
+    return Path(cached).parent if isinstance(cached, str) else None
 
 
-def layout_problem(model_config: dict | None) -> str | None:
-    """Why the layout of a tensor the adapter does not name cannot be known, or None when it can."""
-    if model_config is None:
-        return "no config.json for the base model (pass --base_model), so nn.Linear and Conv1D cannot be told apart"
-    model_type = model_config.get("model_type")
-    if model_type in CONV1D_MODEL_TYPES:
-        return f"a {model_type} model has Conv1D layers (stored in × out) beside nn.Linear ones, alike by name"
-    return None
+class ModuleKinds:
+    """Which kind of module a tensor of τ belongs to, and the module's path in the model peft wraps.
+
+    From the base model's class (on the meta device) when its config.json is at hand: nn.Linear, transformers'
+    Conv1D, nn.Embedding, or anything else; the checkpoint's names are mapped to the model's by transformers' own
+    conversion. Without it, from names, except in models with Conv1D layers, which names cannot tell apart.
+    """
+
+    def __init__(self, base_dir: Path | None):
+        self.config = read_config(base_dir, required=False) if base_dir else {}
+        self.model_paths: dict[str, str] = {}
+        self.kinds: dict[str, str] = {}
+        self.tied: tuple[str, str] | None = None  # (output head, input embedding) weights the base ties
+        if self.config:
+            self._read_model(base_dir)
+
+    def _read_model(self, base_dir: Path) -> None:
+        from transformers.pytorch_utils import Conv1D
+
+        from common.model_structure import ModelStructure
+
+        try:
+            structure = ModelStructure(base_dir)
+        except UserError as e:
+            log.info(f"export: {e}; module kinds are read off names")
+            return
+        for module_path, module in structure.model.named_modules():
+            kind = (
+                LINEAR
+                if isinstance(module, torch.nn.Linear)
+                else CONV1D
+                if isinstance(module, Conv1D)
+                else EMBEDDING
+                if isinstance(module, torch.nn.Embedding)
+                else OTHER
+            )
+            for param_name, _ in module.named_parameters(recurse=False):
+                full = f"{module_path}.{param_name}" if module_path else param_name
+                for saved in structure.saved_names(full):
+                    self.model_paths[saved] = full
+                    self.kinds[saved] = kind
+        model = structure.model
+        head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+        if self.config.get("tie_word_embeddings", True) and head is not None and embedding is not None:
+            paths = {id(m): path for path, m in model.named_modules()}
+            self.tied = (f"{paths[id(head)]}.weight", f"{paths[id(embedding)]}.weight")
+
+    def kind(self, name: str) -> str | None:
+        """linear / conv1d / embedding / other, or None when it cannot be known."""
+        if self.kinds:
+            return self.kinds.get(name)
+        if self.config.get("model_type") in CONV1D_MODEL_TYPES:
+            return None
+        from common.model_layout import EMBEDDING_SUFFIXES
+
+        if name.endswith(EMBEDDING_SUFFIXES):
+            return EMBEDDING
+        return LINEAR if name.endswith(".weight") else None
+
+    def model_path(self, name: str) -> str:
+        return self.model_paths.get(name, name)
 
 
 class LoraExporter:
-    """Collects the factors of every analysed matrix of τ (`add`), then writes the adapter (`write`).
+    """Collects every changed tensor of τ (`add`), then writes the adapter (`write`)."""
 
-    A tensor's layout comes from the source adapter's LoRA target when there is one (--lora_path), else from
-    its name in a model without Conv1D layers (an embedding by its name, anything else nn.Linear).
-    """
-
-    def __init__(self, request: ExportRequest, changes: dict[str, list[Change]], model_config: dict | None):
+    def __init__(self, request: ExportRequest, kinds: ModuleKinds, shapes: dict[str, tuple[int, ...]]):
         self.export = LoraExport(request)
-        self.targets = {name: c for name, cs in changes.items() for c in cs if isinstance(c, LoraTarget)}
-        self.layout_problem = layout_problem(model_config)
-        if not changes and self.layout_problem:
-            raise UserError(f"--export_lora: {self.layout_problem}; --lora_path gives each layer's layout")
+        self.kinds = kinds
+        self.shapes = shapes  # every tensor of τ
+        self.names = set(shapes)
+        self.pending_biases: dict[str, tuple[torch.Tensor, torch.Tensor | None, float]] = {}
 
-    def add(self, name: str, lora_delta: torch.Tensor, task_vector: torch.Tensor) -> None:
-        """Factor one tensor of τ (2-D, in its stored layout) and record its error against τ and Δ."""
+    def add(
+        self,
+        name: str,
+        task_vector: torch.Tensor,
+        base: torch.Tensor | None = None,
+        lora_delta: torch.Tensor | None = None,
+        decomposition: Decomposition | None = None,
+    ) -> None:
+        """One changed tensor of τ (in its stored layout), with the base tensor when there is one, Δ when the
+        analysis had one, and τ's decomposition when the analysis made one."""
         start = time.perf_counter()
-        target = self.targets.get(name)
-        if target is None and self.layout_problem:
-            self.export.skipped[name] = f"not a LoRA target of the adapter, and {self.layout_problem}"
-        elif target is None and not name.endswith(".weight"):
-            self.export.skipped[name] = "not a module's weight"
-        elif not torch.count_nonzero(task_vector):
-            self.export.skipped[name] = "τ is zero"
+        energy = float(task_vector.double().square().sum())
+        self.export.total_energy += energy
+        if not self.export.request.wants(name):
+            self._skip(name, "excluded (--export_include / --export_exclude)", energy)
         else:
-            module = target.module if target else name.removesuffix(".weight")
-            layout = _layout(name, target)
-            self._factor(name, module, layout, lora_delta, task_vector)
+            self._route(name, task_vector, base, lora_delta, decomposition, energy)
         self.export.seconds += time.perf_counter() - start
 
-    def _factor(self, name: str, module: str, layout: str, lora_delta: torch.Tensor, tau: torch.Tensor) -> None:
+    def skip(self, name: str, why: str, task_vector: torch.Tensor) -> None:
+        """A changed tensor of τ that is not exported (its energy still counts in ‖τ‖²)."""
+        energy = float(task_vector.double().square().sum())
+        self.export.total_energy += energy
+        self._skip(name, why, energy)
+
+    def _route(self, name, tau, base, lora_delta, decomposition, energy) -> None:
+        kind = self.kinds.kind(name)
+        path = self.kinds.model_path(name)
+        module, _, param = path.rpartition(".")
+        if self.kinds.tied and path in self.kinds.tied:
+            self._tied(name, module, tau, base, energy)
+        elif kind is None:
+            self._skip(name, "its layer's kind is unknown (pass --base_model: a Conv1D model)", energy)
+        elif kind in (LINEAR, CONV1D) and param == "weight" and tau.dim() == 2:
+            self._factor(name, module, kind, tau, lora_delta, decomposition, energy)
+        elif kind == EMBEDDING and param == "weight" and tau.dim() == 2:
+            self._embedding(name, module, tau, base, lora_delta, decomposition, energy)
+        elif kind in (LINEAR, CONV1D) and param == "bias":
+            self.pending_biases[module] = (tau, base, energy)  # its form depends on every target: see write()
+        else:
+            self._copy(name, module, param, tau, base, energy)
+
+    def _embedding(self, name, module, tau, base, lora_delta, decomposition, energy) -> None:
+        if self.export.request.embeddings == "copy":
+            self._copy(name, module, "weight", tau, base, energy)
+        else:
+            self._factor(name, module, EMBEDDING, tau, lora_delta, decomposition, energy)
+
+    def _tied(self, name, module, tau, base, energy) -> None:
+        """The output head or the embedding of a base that ties them: peft merges a LoRA on either into the one
+        shared weight (an embedding LoRA twice), so they go as copies; with ensure_weight_tying when the head is
+        still tied in τ (not saved on its own), so that peft ties the copies too."""
+        head = next((n for n, path in self.kinds.model_paths.items() if path == self.kinds.tied[0]), None)
+        if base is None:
+            self._skip(name, "the base ties the output head to the embedding: a copy of it needs --base_model", energy)
+            return
+        still_tied = head not in self.names
+        self._copy(name, module, "weight", tau, base, energy)
+        if still_tied:  # peft ties the head's copy to the embedding's, and loads it from its own key
+            self.export.tied = True
+            self.export.values[f"{PREFIX}{self.kinds.tied[0]}"] = self.export.values[f"{PREFIX}{module}.weight"]
+
+    def _copy(self, name, module, param, tau, base, energy) -> None:
+        if base is None:
+            self._skip(name, "its value needs --base_model (exported as a modules_to_save copy of base + τ)", energy)
+            return
+        self.export.values[f"{PREFIX}{module}.{param}"] = (base.double() + tau.double()).float().cpu()
+        if module not in self.export.copies:
+            self.export.copies.append(module)
+        self.export.tensors.append(ExportedTensor(name, module, "copy", OTHER, list(tau.shape), energy))
+
+    def _factor(self, name, module, layout, tau, lora_delta, decomposition, energy) -> None:
         matrix = tau.double() if layout == LINEAR else tau.double().T
-        energy = float(torch.linalg.matrix_norm(matrix)) ** 2  # ‖τ‖²_F directly, not a sum over computed σ's
-        u, s, vh, exact = top_triplets(matrix, energy, self.export.request)
+        u, s, vh, exact, threshold = top_triplets(matrix, self.export.request, decomposition, layout)
+        if len(s) == 0:
+            self._skip(name, "no singular value above the noise threshold", energy)
+            return
         root = s.sqrt()
         lora_b, lora_a = (u * root).float(), (root[:, None] * vh).float()
+        delta = None if lora_delta is None else (lora_delta if layout == LINEAR else lora_delta.T)
         record = ExportedTensor(
             name=name,
             module=module,
+            form="lora",
             layout=layout,
             shape=list(tau.shape),
+            share=energy,
             rank=len(s),
-            kept_energy=float(s.square().sum()) / energy,
+            kept_energy=float(s.square().sum()) / energy if energy else 1.0,
             rel_error=relative_residual(matrix, lora_b, lora_a),
-            rel_error_lora=relative_residual(lora_delta if layout == LINEAR else lora_delta.T, lora_b, lora_a),
+            rel_error_lora=relative_residual(delta, lora_b, lora_a) if delta is not None else None,
             exact_svd=exact,
+            threshold=threshold,
         )
         self.export.tensors.append(record)
         self.export.factors[module] = (lora_a.cpu(), lora_b.cpu())
-        log.debug(
-            f"  export {module}: rank {record.rank}, kept energy {record.kept_energy:.9f}, "
-            f"‖τ − BA‖/‖τ‖ {record.rel_error:.2e}"
-        )
+
+    def _skip(self, name: str, why: str, energy: float) -> None:
+        self.export.skipped[name] = why
+        self.export.skipped_share[name] = energy
 
     def write(self, folder: Path, source_config: dict | None, base_model: str | None) -> LoraExport:
-        """adapter_model.safetensors and adapter_config.json into `folder`."""
+        """adapter_model.safetensors and adapter_config.json into `folder`; shares become fractions of ‖τ‖²."""
         start = time.perf_counter()
+        self._place_biases()
+        total = self.export.total_energy or 1.0
+        for record in self.export.tensors:
+            record.share /= total
+        self.export.skipped_share = {n: e / total for n, e in self.export.skipped_share.items()}
         if not self.export.tensors:
-            raise UserError(
-                f"--export_lora: no tensor to export ({'; '.join(sorted(set(self.export.skipped.values())))})"
-            )
+            reasons = "; ".join(sorted(set(self.export.skipped.values()))) or "τ is zero"
+            raise UserError(f"--export_lora: no tensor to export ({reasons})")
         folder.mkdir()
-        write_factors(folder / "adapter_model.safetensors", self.export)
+        write_adapter_tensors(folder / "adapter_model.safetensors", self.export)
         config = adapter_config(self.export, source_config, base_model)
         (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         self.export.seconds += time.perf_counter() - start
         return self.export
 
+    def _place_biases(self) -> None:
+        """Biases of linear layers: lora_bias (base-free, b += lora_B.bias) when every LoRA target has a bias in
+        τ, with zero factors for a layer whose weight did not change; else their values (`bias: "all"`)."""
+        targets = set(self.export.factors) | set(self.pending_biases)
+        biased = {self.kinds.model_path(n).rpartition(".")[0] for n in self.names if n.endswith(".bias")}
+        lora_bias = bool(self.pending_biases) and targets <= biased | set(self.export.copies)
+        for module, (tau, base, energy) in self.pending_biases.items():
+            name = next((n for n in self.names if self.kinds.model_path(n) == f"{module}.bias"), f"{module}.bias")
+            if lora_bias:
+                if module not in self.export.factors:  # a layer whose weight τ is zero: rank-1 zero factors
+                    weight = next(n for n in self.names if self.kinds.model_path(n) == f"{module}.weight")
+                    self._zero_factors(weight, module)
+                self.export.bias_deltas[module] = tau.float().cpu()
+                self.export.tensors.append(ExportedTensor(name, module, "lora_bias", LINEAR, list(tau.shape), energy))
+            elif base is not None:
+                key = f"{PREFIX}{module}.base_layer.bias" if module in self.export.factors else f"{PREFIX}{module}.bias"
+                self.export.values[key] = (base.double() + tau.double()).float().cpu()
+                self.export.tensors.append(ExportedTensor(name, module, "bias_value", LINEAR, list(tau.shape), energy))
+            else:
+                self._skip(
+                    name, "not every LoRA target has a bias (no lora_bias): its value needs --base_model", energy
+                )
 
-def _layout(name: str, target: LoraTarget | None) -> str:
-    if target is not None:
-        return EMBEDDING if target.embedding else CONV1D if target.fan_in_fan_out else LINEAR
-    return EMBEDDING if name.endswith(EMBEDDING_SUFFIXES) else LINEAR
+    def _zero_factors(self, weight_name: str, module: str) -> None:
+        shape = self.shapes[weight_name]
+        out_features, in_features = shape if self.kinds.kind(weight_name) == LINEAR else shape[::-1]
+        self.export.factors[module] = (torch.zeros(1, in_features), torch.zeros(out_features, 1))
 
 
 def top_triplets(
-    matrix: torch.Tensor, energy: float, request: ExportRequest
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """U_k, σ_k, V_kᵀ for the requested rank, or for the smallest k keeping the requested energy (from 32
-    singular values, 4× more while they fall short, up to the exact SVD); and whether the SVD was exact."""
+    matrix: torch.Tensor, request: ExportRequest, decomposition: Decomposition | None, layout: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool, float | None]:
+    """U_k, σ_k, V_kᵀ for the requested rank (fixed, by energy, or above the noise threshold), reusing the
+    analysis's decomposition of τ when it holds enough triplets; whether the SVD was exact; the threshold."""
+    energy = float(matrix.square().sum())
     smallest = min(matrix.shape)
-    k = min(request.rank or FIRST_RANK_GUESS, smallest)
+    dec = decomposition if decomposition is not None and layout == LINEAR else None
+    k = min(request.rank or 32, smallest)
     while True:
-        u, s, vh, exact = truncated_svd(matrix, k, request.full_svd)
-        if request.rank is not None:
-            return u[:, :k], s[:k], vh[:k], exact
-        kept = rank_for_energy(s, energy, request.energy)
-        if kept is not None or exact:
-            kept = kept or len(s)
-            return u[:, :kept], s[:kept], vh[:kept], exact
-        k = min(4 * k, smallest)
+        if dec is None or (len(dec.s) < k and not dec.exact):
+            u, s, vh, exact = truncated_svd(matrix, k, request.full_svd)
+            dec = Decomposition(u, s, vh, exact, energy)
+        kept, threshold = _rank(dec, request, matrix.shape)
+        if kept is not None or dec.exact or len(dec.s) >= min(request.cap, smallest):
+            kept = min(kept if kept is not None else len(dec.s), request.cap, len(dec.s))
+            return dec.u[:, :kept], dec.s[:kept], dec.vh[:kept], dec.exact, threshold
+        k = min(4 * max(k, len(dec.s)), smallest)
 
 
-def rank_for_energy(singular_values: torch.Tensor, energy: float, fraction: float) -> int | None:
-    """The smallest k with Σ_{i≤k} σᵢ² ≥ fraction · ‖τ‖²_F (less ENERGY_SLACK · ‖τ‖²_F), None if these σ's
-    fall short."""
-    reached = (singular_values.square().cumsum(0) >= (fraction - ENERGY_SLACK) * energy).nonzero()
-    return int(reached[0]) + 1 if len(reached) else None
+def _rank(dec: Decomposition, request: ExportRequest, shape: tuple[int, ...]) -> tuple[int | None, float | None]:
+    """The rank these singular values give, or None when more are needed to tell."""
+    if request.rank is not None:
+        return request.rank, None
+    if request.energy is not None:
+        return energy_rank(dec.s, dec.energy, request.energy), None
+    threshold = noise_threshold(dec.s, dec.energy, shape)
+    above = int((dec.s > threshold).sum())
+    return (above if above < len(dec.s) or dec.exact else None), threshold
+
+
+def noise_threshold(singular_values: torch.Tensor, energy: float, shape: tuple[int, ...]) -> float:
+    """Gavish & Donoho's optimal hard threshold for a known noise level, λ*(β)·√n·σ̂, β = m/n ≤ 1 (n the larger
+    side), λ*(β) = √(2(β+1) + 8β / ((β+1) + √(β² + 14β + 1))); σ̂, the noise's standard deviation per element, is
+    estimated from the energy beyond the singular values above the threshold (the noise's share of the top ones
+    removed), iterated to a fixed point. On white noise alone it keeps nothing; under it, signal is not
+    recoverable anyway."""
+    m, n = sorted(shape)
+    beta = m / n
+    lam = math.sqrt(2 * (beta + 1) + 8 * beta / ((beta + 1) + math.sqrt(beta**2 + 14 * beta + 1)))
+    squares = singular_values.double().square()
+    kept = 0
+    for _ in range(20):
+        tail = max(energy - float(squares[:kept].sum()), 0.0)
+        sigma = math.sqrt(tail / max(1, (m - kept) * (n - kept)))
+        threshold = lam * math.sqrt(n) * sigma
+        above = int((singular_values > threshold).sum())
+        if above == kept:
+            break
+        kept = above
+    return threshold
 
 
 def relative_residual(exact: torch.Tensor, lora_b: torch.Tensor, lora_a: torch.Tensor) -> float | None:
@@ -227,25 +421,30 @@ def adapter_keys(module: str, layout: str) -> tuple[str, str]:
     return f"{PREFIX}{module}.lora_A.weight", f"{PREFIX}{module}.lora_B.weight"
 
 
-def write_factors(path: Path, export: LoraExport) -> None:
-    """Every A and B, fp32, in the order the tensors were analysed."""
+def write_adapter_tensors(path: Path, export: LoraExport) -> None:
+    """Every A and B (fp32) in the order the tensors were analysed, the LoRA biases, then the saved values."""
     tensors = []
-    for t in export.tensors:
-        key_a, key_b = adapter_keys(t.module, t.layout)
-        lora_a, lora_b = export.factors[t.module]
+    layouts = {t.module: t.layout for t in export.tensors if t.form == "lora"}
+    for module, (lora_a, lora_b) in export.factors.items():
+        key_a, key_b = adapter_keys(module, layouts.get(module, LINEAR))
         tensors += [(key_a, lora_a), (key_b, lora_b)]
+        if module in export.bias_deltas:
+            tensors.append((f"{PREFIX}{module}.lora_B.bias", export.bias_deltas[module]))
+    tensors += list(export.values.items())
     specs = [TensorSpec(key, tensor.dtype, tuple(tensor.shape)) for key, tensor in tensors]
     with SafetensorsWriter(path, specs, {"format": "pt"}) as writer:
         for key, tensor in tensors:
-            writer.write(key, tensor)
+            writer.write(key, tensor.contiguous())
 
 
 def adapter_config(export: LoraExport, source_config: dict | None, base_model: str | None) -> dict:
     """adapter_config.json: scaling 1 everywhere (lora_alpha = r); ranks other than the most common one (r)
-    in rank_pattern, with the same alpha in alpha_pattern."""
-    ranks = {t.module: t.rank for t in export.tensors}
-    r = max(Counter(ranks.values()).most_common(), key=lambda rank_count: (rank_count[1], rank_count[0]))[0]
-    others = {module: rank for module, rank in ranks.items() if rank != r}
+    in rank_pattern, with the same alpha in alpha_pattern (never a rank 0)."""
+    ranks = {module: a.shape[0] for module, (a, _) in export.factors.items()}
+    counts = Counter(ranks.values()).most_common() or [(8, 0)]
+    r = max(counts, key=lambda rank_count: (rank_count[1], rank_count[0]))[0]
+    others = {re.escape(module): rank for module, rank in ranks.items() if rank != r}
+    bias_values = any(t.form == "bias_value" for t in export.tensors)
     return {
         "peft_type": "LORA",
         "task_type": (source_config or {}).get("task_type", "CAUSAL_LM"),
@@ -256,11 +455,13 @@ def adapter_config(export: LoraExport, source_config: dict | None, base_model: s
         "alpha_pattern": dict(others),
         "target_modules": list(ranks),
         "lora_dropout": 0.0,
-        "bias": "none",
+        "bias": "all" if bias_values else "none",
+        "lora_bias": bool(export.bias_deltas),
         "fan_in_fan_out": any(t.layout == CONV1D for t in export.tensors),  # peft sets it per layer type anyway
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,
-        "modules_to_save": None,
+        "modules_to_save": export.copies or None,
+        "ensure_weight_tying": export.tied,
         "inference_mode": True,
     }

@@ -7,6 +7,7 @@ extraction writes τ = finetuned − base as it is and warns with the counts.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -25,6 +26,19 @@ def all_finite(tensor: torch.Tensor) -> bool:
         return True
     low, high = torch.aminmax(tensor)
     return bool(torch.isfinite(low) and torch.isfinite(high))
+
+
+def strict_json(value: object) -> str:
+    """A report as strict JSON: every non-finite float, however deep, written as null (allow_nan=False checks)."""
+
+    def clean(item: object) -> object:
+        if isinstance(item, dict):
+            return {k: clean(v) for k, v in item.items()}
+        if isinstance(item, list | tuple):
+            return [clean(v) for v in item]
+        return json_number(item)
+
+    return json.dumps(clean(value), indent=2, allow_nan=False) + "\n"
 
 
 def json_number(value: object) -> object:

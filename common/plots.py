@@ -71,6 +71,30 @@ def singular_value_spectra(spectra: list, path: Path) -> None:
     plt.close(fig)
 
 
+def task_vector_spectra(spectra: list, path: Path) -> None:
+    """Per module type: σᵢ / σ₁ of τ for every layer (log scale), with the index keeping 90% of ‖τ‖² marked: a
+    low-rank change drops steeply, a full-rank one stays flat."""
+    modules = sorted({s.module for s in spectra})
+    cols = min(4, len(modules))
+    rows = -(-len(modules) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
+    for ax, module in zip(axes.flat, modules, strict=False):
+        for s in (s for s in spectra if s.module == module and s.singular_values and s.singular_values[0] > 0):
+            relative = [max(v / s.singular_values[0], 1e-18) for v in s.singular_values]
+            (line,) = ax.semilogy(range(1, len(relative) + 1), relative, "-", lw=1, alpha=0.7)
+            if s.energy_rank_90 is not None and s.energy_rank_90 <= len(relative):
+                ax.plot(s.energy_rank_90, relative[s.energy_rank_90 - 1], "o", color=line.get_color(), ms=4)
+        ax.set(title=module, xlabel="index i", ylabel="σᵢ / σ₁")
+    for ax in list(axes.flat)[len(modules) :]:
+        ax.axis("off")
+    axes.flat[0].plot([], [], "o", color="tab:gray", label="90% of ‖τ‖² reached")
+    axes.flat[0].legend(loc="upper right", fontsize=8)
+    fig.suptitle("Singular value spectra of τ, one curve per layer (the first values computed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def layer_module_heatmap(values: dict[str, float], title: str, path: Path, log10: bool = True) -> None:
     """A layer × module grid of one per-tensor figure (log10 by default): where it is largest."""
     from common.spectra import module_and_layer
@@ -97,17 +121,27 @@ def layer_module_heatmap(values: dict[str, float], title: str, path: Path, log10
 
 def analysis_plots(analysis, folder: Path) -> list[str]:
     """analyze's plots: the spectra, layer × module maps of the error, ‖Δ‖ and the subspace angle, and
-    (with the base weights) the residual in ulps."""
+    (with the base weights) the residual in ulps; for τ's matrices analysed on their own, their spectra and a
+    layer × module map of the rank keeping 90% of ‖τ‖²."""
+    written = []
     spectra = analysis.tensors
-    singular_value_spectra(spectra, folder / "singular_value_spectra.png")
-    maps = {
-        "relative_error_heatmap.png": ({s.name: s.rel_error for s in spectra}, "‖τ − Δ‖ / ‖Δ‖ per tensor"),
-        "lora_norm_heatmap.png": ({s.name: s.norm_lora for s in spectra}, "‖Δ‖ per tensor"),
-        "principal_angle_heatmap.png": ({s.name: s.principal_angle_deg for s in spectra}, "largest angle (°)"),
-    }
-    for file, (values, title) in maps.items():
-        layer_module_heatmap(values, title, folder / file)
-    written = ["singular_value_spectra.png", *maps]
+    if spectra:
+        singular_value_spectra(spectra, folder / "singular_value_spectra.png")
+        maps = {
+            "relative_error_heatmap.png": ({s.name: s.rel_error for s in spectra}, "‖τ − Δ‖ / ‖Δ‖ per tensor"),
+            "lora_norm_heatmap.png": ({s.name: s.norm_lora for s in spectra}, "‖Δ‖ per tensor"),
+            "principal_angle_heatmap.png": ({s.name: s.principal_angle_deg for s in spectra}, "largest angle (°)"),
+        }
+        for file, (values, title) in maps.items():
+            layer_module_heatmap(values, title, folder / file)
+        written += ["singular_value_spectra.png", *maps]
+    if analysis.task_vector_tensors:
+        task_vector_spectra(analysis.task_vector_tensors, folder / "task_vector_spectra.png")
+        ranks = {s.name: s.energy_rank_90 for s in analysis.task_vector_tensors if s.energy_rank_90 is not None}
+        layer_module_heatmap(
+            ranks, "rank keeping 90% of ‖τ‖² (energy_rank_90)", folder / "energy_rank_heatmap.png", False
+        )
+        written += ["task_vector_spectra.png", "energy_rank_heatmap.png"]
     if analysis.ulp_samples:
         dtype = dtype_from_name(analysis.merge_dtype)
         residual_ulp_histogram(analysis.ulp_samples, dtype, folder / "residual_ulp_histogram.png")

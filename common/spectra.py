@@ -16,10 +16,12 @@ import torch
 from common.metrics import compare_tensor
 
 TOP_SINGULAR_VALUES = 24
+PROFILE_SINGULAR_VALUES = 256  # of τ analysed on its own: enough to draw where 90% of its energy is reached
 FULL_SVD_MAX = 512  # matrices whose smaller side is at most this get an exact SVD
 FIRST_RANK_GUESS = 32  # Δ's singular values are computed 32 at a time, then 128, 512 … until below tolerance
 OVERSAMPLE = 10
 POWER_ITERATIONS = 6
+ENERGY_SLACK = 1e-12  # float64 sums of σᵢ²: a fraction of 1 keeps every direction holding more than 1e-12 of ‖τ‖²
 
 
 @dataclass
@@ -166,8 +168,8 @@ def analyze_tensor(
     stored_dtype: torch.dtype,
     full_svd: bool = False,
     lora_spectrum: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> TensorSpectrum:
-    """Everything analysis.json says about one LoRA-adapted tensor.
+) -> tuple[TensorSpectrum, Decomposition]:
+    """Everything analysis.json says about one LoRA-adapted tensor, and τ's decomposition (for the export).
 
     `lora_spectrum`, Δ's left singular vectors and values when known (from the factors), saves its SVD.
     """
@@ -175,13 +177,13 @@ def analyze_tensor(
     shape = tuple(delta.shape)
     u_delta, s_delta = lora_spectrum or low_rank_spectrum(delta, stored_dtype, full_svd)
     rank = numerical_rank(s_delta, shape, stored_dtype)
-    u_tau, s_tau, tau_exact = top_singular(tau, min(max(rank + 1, TOP_SINGULAR_VALUES), min(shape)), full_svd)
+    u_tau, s_tau, vh_tau, tau_exact = truncated_svd(tau, min(max(rank + 1, TOP_SINGULAR_VALUES), min(shape)), full_svd)
     rank_tau = numerical_rank(s_tau, shape, stored_dtype)
     metrics = compare_tensor(name, delta, tau)
     energy = metrics.norm_task_vector**2
     residual_rms = float(torch.linalg.vector_norm(tau - delta)) / math.sqrt(delta.numel())
     module, layer = module_and_layer(name)
-    return TensorSpectrum(
+    spectrum = TensorSpectrum(
         name=name,
         module=module,
         layer=layer,
@@ -208,3 +210,83 @@ def analyze_tensor(
         singular_values_lora=s_delta[:TOP_SINGULAR_VALUES].tolist(),
         singular_values_task_vector=s_tau[:TOP_SINGULAR_VALUES].tolist(),
     )
+    return spectrum, Decomposition(u_tau, s_tau, vh_tau, tau_exact, energy)
+
+
+@dataclass
+class Decomposition:
+    """The top singular triplets of a float64 matrix, its ‖·‖²_F, and whether the triplets are all of them: computed
+    once per tensor and shared by the analysis and the LoRA export."""
+
+    u: torch.Tensor
+    s: torch.Tensor
+    vh: torch.Tensor
+    exact: bool
+    energy: float
+
+    def kept_energy(self, k: int) -> float:
+        return float(self.s[:k].square().sum()) / self.energy if self.energy else 1.0
+
+
+def decompose(matrix: torch.Tensor, full: bool, enough, first: int = FIRST_RANK_GUESS) -> Decomposition:
+    """Top singular triplets, 32 at first, 4× more until `enough(σ)` holds or the SVD is exact."""
+    energy = float(torch.linalg.matrix_norm(matrix)) ** 2
+    k = first
+    while True:
+        u, s, vh, exact = truncated_svd(matrix, min(k, min(matrix.shape)), full)
+        if exact or enough(s, energy):
+            return Decomposition(u, s, vh, exact, energy)
+        k *= 4
+
+
+def energy_rank(singular_values: torch.Tensor, energy: float, fraction: float) -> int | None:
+    """The smallest k with Σ_{i≤k} σᵢ² ≥ fraction · ‖τ‖²_F (Biderman et al. 2024), or None if these σ's fall
+    short (less ENERGY_SLACK · ‖τ‖²_F for float64 sums)."""
+    reached = (singular_values.square().cumsum(0) >= (fraction - ENERGY_SLACK) * energy).nonzero()
+    return int(reached[0]) + 1 if len(reached) else None
+
+
+@dataclass
+class TaskVectorSpectrum:
+    """analysis.json's record of a changed matrix of τ analysed on its own (no LoRA delta to hold it against)."""
+
+    name: str
+    module: str
+    layer: int | None
+    shape: list[int]
+    norm: float
+    rank: int  # numerical rank (σᵢ > σ₁·max(m, n)·eps of the stored dtype)
+    rank_is_lower_bound: bool  # a randomized SVD stopped before the singular values fell below that tolerance
+    energy_rank_90: int | None  # smallest k keeping 90% of ‖τ‖²_F
+    energy_rank_99: int | None
+    stable_rank: float  # ‖τ‖²_F / σ₁²
+    effective_rank: float | None  # exp(entropy of σᵢ/Σσ), when the whole spectrum was computed
+    singular_values: list[float] = field(default_factory=list)
+
+
+def analyze_task_vector(
+    name: str, task_vector: torch.Tensor, stored_dtype: torch.dtype, full_svd: bool = False
+) -> tuple[TaskVectorSpectrum, Decomposition]:
+    """τ's rank profile on its own: numerical rank, the ranks keeping 90% and 99% of its energy, stable and
+    effective rank; singular values computed until 99% of the energy is reached (or all of them)."""
+    matrix = task_vector.double()
+    shape = tuple(matrix.shape)
+    dec = decompose(matrix, full_svd, lambda s, energy: energy_rank(s, energy, 0.99) is not None)
+    rank = numerical_rank(dec.s, shape, stored_dtype)
+    module, layer = module_and_layer(name)
+    sigma_1 = float(dec.s[0]) if len(dec.s) else 0.0
+    spectrum = TaskVectorSpectrum(
+        name=name,
+        module=module,
+        layer=layer,
+        shape=list(shape),
+        norm=math.sqrt(dec.energy),
+        rank=rank,
+        rank_is_lower_bound=not dec.exact and rank == len(dec.s),
+        energy_rank_90=energy_rank(dec.s, dec.energy, 0.9),
+        energy_rank_99=energy_rank(dec.s, dec.energy, 0.99),
+        stable_rank=dec.energy / sigma_1**2 if sigma_1 > 0 else 0.0,
+        effective_rank=effective_rank(dec.s) if dec.exact else None,
+        singular_values=dec.s[:PROFILE_SINGULAR_VALUES].tolist(),
+    )
+    return spectrum, dec

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from common.errors import UserError
-from common.finite import count_in_checkpoint, json_number
+from common.finite import count_in_checkpoint, json_number, strict_json
 from common.model_layout import HEAD, tied_embedding
 from common.precision import is_rounding_artifact_of_delta, short_name
 from common.safetensors_io import CHUNK_BYTES, CheckpointIndex, Scratch, ShardedWriter, TensorSpec, iter_row_chunks
@@ -357,7 +357,7 @@ def write_stats(extraction: Extraction, path: Path, sources: dict[str, str]) -> 
         "non_float": extraction.non_float,
         "tied": extraction.tied,
     }
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    path.write_text(strict_json(report))
 
 
 @dataclass
