@@ -64,6 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base_model", default=None, help="base model (hub id or folder): residual in ulps")
     parser.add_argument("--output_dir", type=Path, default=Path("mathematical_analysis"), help="report folder")
     add_switch(parser, "--full_svd", "exact SVDs even of large matrices (else randomized above 512)")
+    parser.add_argument(
+        "--intruder_k",
+        type=int,
+        default=10,
+        help="with --base_model: intruders among the top-k singular vectors (0: off)",
+    )
+    parser.add_argument(
+        "--intruder_epsilon", type=fraction, default=0.5, help="an intruder's largest |cosine| is below it"
+    )
     add_export_flags(parser)
     add_switch(parser, "--skip_plots", "write analysis.json and report.md only (an export-only run)")
     add_residual_base(parser)
@@ -97,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         staging = stack.enter_context(staged_output_dir(args.output_dir))
         with tensor_progress(count, "analyze", args.verbose) as step:
             known = stats_beside(args.task_vector_file).status
-            analysis = analyze_files(deltas, task_vector, device, step, args.full_svd, known, exporter, base)
+            intruders = (args.intruder_k, args.intruder_epsilon)
+            analysis = analyze_files(deltas, task_vector, device, step, args.full_svd, known, exporter, base, intruders)
         analysis.lora_source = "lora_path" if adapter else "lora_file" if args.lora_file else None
         if exporter is not None:
             base_model = task_vector.metadata.get("base_model") or args.base_model

@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.adapter import LoraAdapter, LoraTarget
+from common.adapter import LoraAdapter, LoraTarget, ParameterPiece
 from common.errors import UserError
 from common.export import LoraExport, LoraExporter
 from common.finite import require_finite
+from common.intruders import EPSILON, TOP_K, intruder_dimensions
 from common.lora import DeltaPlan, exact_delta, product_magnitude, rounded_at_dtype
 from common.metrics import evenly_spaced, residual_ulps, rounding_bound
 from common.precision import dtype_from_name
@@ -47,6 +48,7 @@ class LoraDelta:
     spectrum: tuple[torch.Tensor, torch.Tensor] | None = None
     product_magnitude: torch.Tensor | None = None  # |s|·(|B| @ |A|): bounds B @ A's fp32 rounding
     rounded_at_dtype: torch.Tensor | None = None  # an intermediate the merge rounds (see metrics.rounding_bound)
+    lora_rank: int | None = None  # the adapter's configured r (rank_pattern included), with --lora_path
 
 
 def deltas_from_file(
@@ -81,7 +83,8 @@ def deltas_from_adapter(
             spectrum = factor_spectrum(left, right, target.scaling)
         magnitude = product_magnitude(changes, adapter, delta, weight)
         rounded = rounded_at_dtype(changes, weight, delta, magnitude) if weight is not None else None
-        yield LoraDelta(spec.name, delta, weight, spectrum, magnitude, rounded)
+        ranks = [c.rank for c in changes if isinstance(c, LoraTarget | ParameterPiece)]
+        yield LoraDelta(spec.name, delta, weight, spectrum, magnitude, rounded, sum(ranks) if ranks else None)
 
 
 def analyze_files(
@@ -93,6 +96,7 @@ def analyze_files(
     known_status: dict[str, str] | None = None,
     exporter: LoraExporter | None = None,
     base: CheckpointIndex | None = None,
+    intruders: tuple[int, float] = (TOP_K, EPSILON),
 ) -> Analysis:
     """Analyze every matrix Δ against τ (none when `deltas` is None: τ alone), then τ's other changed matrices on
     their own; hand every changed tensor to `exporter`.
@@ -119,7 +123,11 @@ def analyze_files(
             if exporter is not None:
                 exporter.add(item.name, tau, item.base_weight, item.delta)
             continue
-        spectrum, decomposition = analyze_tensor(item.name, item.delta, tau, torch.float32, full_svd, item.spectrum)
+        spectrum, decomposition = analyze_tensor(
+            item.name, item.delta, tau, torch.float32, full_svd, item.spectrum, item.base_weight
+        )
+        spectrum.lora_rank = item.lora_rank
+        spectrum.intruder_dimensions = count_intruders(item.base_weight, tau, intruders)
         if item.base_weight is not None and merge_dtype is not None and item.base_weight.shape == tau.shape:
             analysis.ulp_samples.append(add_residual_in_ulps(spectrum, item, tau, merge_dtype))
         analysis.tensors.append(spectrum)
@@ -133,7 +141,9 @@ def analyze_files(
         raise UserError("no LoRA-adapted tensor is in the task vector file: not the same model")
     for name in task_vector.names():
         if name not in seen:
-            analyze_other(analysis, name, task_vector, device, full_svd, known_status, exporter, base, on_tensor)
+            analyze_other(
+                analysis, name, task_vector, device, full_svd, known_status, exporter, base, on_tensor, intruders
+            )
     if not analysis.tensors and not analysis.task_vector_tensors and exporter is None:
         raise UserError(f"{task_vector.source}: no tensor of τ changed: nothing to analyse")
     return analysis
@@ -149,6 +159,7 @@ def analyze_other(
     exporter: LoraExporter | None,
     base: CheckpointIndex | None,
     on_tensor: Callable[[str], None],
+    intruders: tuple[int, float] = (TOP_K, EPSILON),
 ) -> None:
     """A tensor of τ the LoRA does not reach: counted when zero; else its energy, and for a changed matrix its rank
     profile (analyze_task_vector); handed to the export unless it is only the base's rounding."""
@@ -166,13 +177,22 @@ def analyze_other(
             exporter.skip(name, "only the base's rounding to the merge's dtype: nothing learned", tau)
         return
     decomposition = None
+    weight = base.read(name).to(device) if base is not None and name in base else None
     if tau.dim() == 2 and min(tau.shape) > 1:
         spectrum, decomposition = analyze_task_vector(name, tau, torch.float32, full_svd)
+        spectrum.intruder_dimensions = count_intruders(weight, tau, intruders)
         analysis.task_vector_tensors.append(spectrum)
         on_tensor(f"{name}: rank τ {spectrum.rank}, 90% of ‖τ‖² in {spectrum.energy_rank_90} directions")
     if exporter is not None:
-        weight = base.read(name).to(device) if base is not None and name in base else None
         exporter.add(name, tau, weight, None, decomposition)
+
+
+def count_intruders(weight: torch.Tensor | None, tau: torch.Tensor, settings: tuple[int, float]) -> int | None:
+    """Intruder dimensions of W₀ + τ (common/intruders.py), with the base weight and k > 0; else None."""
+    k, epsilon = settings
+    if weight is None or k <= 0 or weight.shape != tau.shape or tau.dim() != 2:
+        return None
+    return intruder_dimensions(weight, tau, k, epsilon).count
 
 
 def _count_energy(analysis: Analysis, name: str, tau: torch.Tensor, delta: torch.Tensor | None) -> None:

@@ -6,6 +6,7 @@ docs/reports.md.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -35,9 +36,16 @@ def aggregate(spectra: list[TensorSpectrum], key: Callable[[TensorSpectrum], obj
             "max_residual_ulps": max(
                 (s.residual_max_ulps for s in items if s.residual_max_ulps is not None), default=None
             ),
+            "median_energy_in_lora_subspace": statistics.median(s.energy_in_lora_subspace for s in items),
+            "intruder_dimensions": _total(s.intruder_dimensions for s in items),
         }
         for group, items in sorted(groups.items())
     }
+
+
+def _total(values) -> int | None:
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
 
 
 def findings(analysis: Analysis) -> list[str]:
@@ -51,7 +59,9 @@ def findings(analysis: Analysis) -> list[str]:
             f"({analysis.task_vector_only_unchanged} unchanged, {others} non-zero)."
         )
         lines.append(reproduced_finding(analysis))
+        lines += subspace_share_findings(analysis)
     lines += task_vector_findings(analysis)
+    lines += intruder_findings(analysis)
     if analysis.export is not None:
         lines += export_findings(analysis.export)
     return lines
@@ -62,6 +72,40 @@ def reproduced_finding(analysis: Analysis) -> str:
     total = sum(analysis.energy.values())
     share = 1 - analysis.residual_energy / total if total else 1.0
     return f"The adapter reproduces {100 * share:.6g}% of ‖τ‖²_F (1 − Σ‖τ − Δ‖² / Σ‖τ‖² over every tensor of τ)."
+
+
+def subspace_share_findings(analysis: Analysis) -> list[str]:
+    """How much of τ lies where Δ acts, and how strongly Δ amplifies directions W₀ barely uses (Hu et al. 2021)."""
+    spectra = analysis.tensors
+    shares = [s.energy_in_lora_subspace for s in spectra]
+    lines = [
+        f"Inside Δ's column space lies a median {100 * statistics.median(shares):.4g}% of each tensor's ‖τ‖²_F "
+        f"(min {100 * min(shares):.4g}%): the rest is change the adapter does not span."
+    ]
+    amplification = [s.amplification for s in spectra if s.amplification is not None]
+    amplification = [a for a in amplification if math.isfinite(a)]
+    if amplification:
+        median = statistics.median(amplification)
+        lines.append(
+            f"Δ amplifies directions W₀ barely uses: ‖Δ‖_F / ‖U_rᵀW₀V_r‖_F median {median:.3g} "
+            f"({min(amplification):.3g}–{max(amplification):.3g}; Hu et al. 2021 §7.3)."
+        )
+    return lines
+
+
+def intruder_findings(analysis: Analysis) -> list[str]:
+    """Intruder dimensions: new directions among the finetuned weight's top singular vectors."""
+    spectra = [*analysis.tensors, *analysis.task_vector_tensors]
+    counted = [s for s in spectra if s.intruder_dimensions is not None]
+    if not counted:
+        return []
+    with_intruders = [s for s in counted if s.intruder_dimensions]
+    total = sum(s.intruder_dimensions for s in counted)
+    where = f" (most in {max(with_intruders, key=lambda s: s.intruder_dimensions).name})" if with_intruders else ""
+    return [
+        f"Intruder dimensions (Shuttleworth et al. 2024): {total} among the top singular vectors of W₀ + τ in "
+        f"{len(with_intruders)} of {len(counted)} matrices{where}: directions the base weights did not have."
+    ]
 
 
 def task_vector_findings(analysis: Analysis) -> list[str]:
@@ -175,6 +219,7 @@ def analysis_report(analysis: Analysis) -> dict:
             "lora_only": analysis.lora_only,
             "not_matrices": analysis.not_matrices,
             "task_vector_only_unchanged": analysis.task_vector_only_unchanged,
+            "intruder_dimensions_total": _intruders_total(analysis),
             "task_vector_only_nonzero": analysis.task_vector_only_nonzero,
             "findings": findings(analysis),
         },
@@ -184,6 +229,12 @@ def analysis_report(analysis: Analysis) -> dict:
         "task_vector_tensors": [asdict(s) for s in analysis.task_vector_tensors],
         **({"export_lora": export_report(analysis.export)} if analysis.export is not None else {}),
     }
+
+
+def _intruders_total(analysis: Analysis) -> int | None:
+    counts = [t.intruder_dimensions for t in [*analysis.tensors, *analysis.task_vector_tensors]]
+    known = [c for c in counts if c is not None]
+    return sum(known) if known else None
 
 
 def export_report(export: LoraExport) -> dict:

@@ -142,6 +142,14 @@ def analysis_plots(analysis, folder: Path) -> list[str]:
             ranks, "rank keeping 90% of ‖τ‖² (energy_rank_90)", folder / "energy_rank_heatmap.png", False
         )
         written += ["task_vector_spectra.png", "energy_rank_heatmap.png"]
+    intruders = {
+        s.name: s.intruder_dimensions
+        for s in [*spectra, *analysis.task_vector_tensors]
+        if s.intruder_dimensions is not None
+    }
+    if intruders:
+        layer_module_heatmap(intruders, "intruder dimensions per tensor", folder / "intruder_heatmap.png", False)
+        written.append("intruder_heatmap.png")
     if analysis.ulp_samples:
         dtype = dtype_from_name(analysis.merge_dtype)
         residual_ulp_histogram(analysis.ulp_samples, dtype, folder / "residual_ulp_histogram.png")

@@ -51,6 +51,11 @@ class TensorSpectrum:
     effective_rank_lora: float  # exp(entropy of σᵢ/Σσ) over Δ's spectrum (Roy & Vetterli 2007)
     effective_rank_task_vector: float | None  # the same for τ; None when only its top values were computed
     lora_spectrum_from_factors: bool  # Δ's SVD came from the adapter's factors (exact, O((m+n)·r²))
+    energy_in_lora_subspace: float = 0.0  # ‖U_rᵀ τ‖² / ‖τ‖²: the share of ‖τ‖² inside Δ's column space
+    principal_angles_deg: list[float] = field(default_factory=list)  # all r angles between the top-r subspaces
+    lora_rank: int | None = None  # the adapter's configured r for this tensor (rank_pattern included)
+    amplification: float | None = None  # ‖Δ‖_F / ‖U_rᵀ W₀ V_r‖_F (Hu et al. 2021, §7.3), with the base
+    intruder_dimensions: int | None = None  # among the top-k left singular vectors of W₀ + τ (intruders.py)
     residual_max_ulps: float | None = None  # max |τ − Δ| in ulps of the merge dtype at the merged weight
     residual_rms_ulps: float | None = None  # RMS of the same (needs the base weights)
     within_rounding: bool | None = None  # every |τ − Δ| within what a merge at that precision can round
@@ -100,6 +105,28 @@ def largest_principal_angle(u: torch.Tensor, v: torch.Tensor) -> float:
         return 0.0
     sine = float(torch.linalg.matrix_norm(u - v @ (v.T @ u), ord=2))
     return math.degrees(math.asin(min(1.0, sine)))
+
+
+def principal_angles(u: torch.Tensor, v: torch.Tensor) -> list[float]:
+    """All principal angles (degrees, smallest first) between the column spaces of orthonormal u and v: the
+    arccosines of the singular values of uᵀv; the largest is recomputed from its sine, accurate when tiny."""
+    width = min(u.shape[1], v.shape[1])
+    if width == 0:
+        return []
+    cosines = torch.linalg.svdvals(u[:, :width].T @ v[:, :width]).clamp(-1, 1)
+    angles = [math.degrees(math.acos(float(c))) for c in cosines]
+    angles[-1] = largest_principal_angle(u[:, :width], v[:, :width])
+    return angles
+
+
+def amplification_factor(delta: torch.Tensor, base_weight: torch.Tensor, u_r: torch.Tensor, s_r: torch.Tensor) -> float:
+    """Hu et al. (2021) §7.3: ‖Δ‖_F / ‖U_rᵀ W₀ V_r‖_F, U_r, V_r Δ's r singular vectors (its numerical rank; V_r =
+    Δᵀ U_r / σ): how much Δ amplifies directions W₀ already has (large: directions W₀ barely uses)."""
+    if len(s_r) == 0:
+        return float("nan")
+    v_r = delta.double().T @ u_r / s_r
+    projected = float(torch.linalg.matrix_norm(u_r.T @ base_weight.double() @ v_r))
+    return float(torch.linalg.matrix_norm(delta.double())) / projected if projected else float("inf")
 
 
 def module_and_layer(name: str) -> tuple[str, int | None]:
@@ -168,10 +195,12 @@ def analyze_tensor(
     stored_dtype: torch.dtype,
     full_svd: bool = False,
     lora_spectrum: tuple[torch.Tensor, torch.Tensor] | None = None,
+    base_weight: torch.Tensor | None = None,
 ) -> tuple[TensorSpectrum, Decomposition]:
     """Everything analysis.json says about one LoRA-adapted tensor, and τ's decomposition (for the export).
 
-    `lora_spectrum`, Δ's left singular vectors and values when known (from the factors), saves its SVD.
+    `lora_spectrum`, Δ's left singular vectors and values when known (from the factors), saves its SVD; with the
+    base weight W₀, the amplification factor is measured too.
     """
     delta, tau = lora_delta.double(), task_vector.double()
     shape = tuple(delta.shape)
@@ -183,6 +212,8 @@ def analyze_tensor(
     energy = metrics.norm_task_vector**2
     residual_rms = float(torch.linalg.vector_norm(tau - delta)) / math.sqrt(delta.numel())
     module, layer = module_and_layer(name)
+    in_subspace = u_delta[:, :rank].T @ tau
+    angles = principal_angles(u_delta[:, :rank], u_tau[:, :rank])
     spectrum = TensorSpectrum(
         name=name,
         module=module,
@@ -207,6 +238,13 @@ def analyze_tensor(
         effective_rank_lora=effective_rank(s_delta[:rank]),
         effective_rank_task_vector=effective_rank(s_tau) if tau_exact else None,
         lora_spectrum_from_factors=lora_spectrum is not None,
+        energy_in_lora_subspace=float(in_subspace.square().sum()) / energy if energy else 1.0,
+        principal_angles_deg=angles,
+        amplification=(
+            amplification_factor(delta, base_weight, u_delta[:, :rank], s_delta[:rank])
+            if base_weight is not None and rank
+            else None
+        ),
         singular_values_lora=s_delta[:TOP_SINGULAR_VALUES].tolist(),
         singular_values_task_vector=s_tau[:TOP_SINGULAR_VALUES].tolist(),
     )
@@ -261,6 +299,7 @@ class TaskVectorSpectrum:
     energy_rank_99: int | None
     stable_rank: float  # ‖τ‖²_F / σ₁²
     effective_rank: float | None  # exp(entropy of σᵢ/Σσ), when the whole spectrum was computed
+    intruder_dimensions: int | None = None  # among the top-k left singular vectors of W₀ + τ (intruders.py)
     singular_values: list[float] = field(default_factory=list)
 
 
