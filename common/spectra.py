@@ -108,15 +108,16 @@ def largest_principal_angle(u: torch.Tensor, v: torch.Tensor) -> float:
 
 
 def principal_angles(u: torch.Tensor, v: torch.Tensor) -> list[float]:
-    """All principal angles (degrees, smallest first) between the column spaces of orthonormal u and v: the
-    arccosines of the singular values of uᵀv; the largest is recomputed from its sine, accurate when tiny."""
+    """All principal angles (degrees, smallest first) between the column spaces of orthonormal u and v (same
+    width): θᵢ = atan2(sin θᵢ, cos θᵢ), the cosines the singular values of uᵀv, the sines those of (I − vvᵀ)u, so
+    that tiny angles (where an arccosine loses them) and right angles (an arcsine) are both accurate."""
     width = min(u.shape[1], v.shape[1])
     if width == 0:
         return []
-    cosines = torch.linalg.svdvals(u[:, :width].T @ v[:, :width]).clamp(-1, 1)
-    angles = [math.degrees(math.acos(float(c))) for c in cosines]
-    angles[-1] = largest_principal_angle(u[:, :width], v[:, :width])
-    return angles
+    u, v = u[:, :width], v[:, :width]
+    cosines = torch.linalg.svdvals(u.T @ v)  # descending: smallest angle first
+    sines = torch.linalg.svdvals(u - v @ (v.T @ u)).flip(0)  # ascending: smallest angle first
+    return [math.degrees(math.atan2(float(s), float(c))) for s, c in zip(sines, cosines, strict=True)]
 
 
 def amplification_factor(delta: torch.Tensor, base_weight: torch.Tensor, u_r: torch.Tensor, s_r: torch.Tensor) -> float:
