@@ -15,7 +15,7 @@ from common.export import LoraExport, LoraExporter
 from common.finite import require_finite
 from common.intruders import EPSILON, TOP_K, intruder_dimensions
 from common.lora import DeltaPlan, exact_delta, product_magnitude, rounded_at_dtype
-from common.metrics import evenly_spaced, residual_ulps, rounding_bound
+from common.metrics import rounding_residual, squared_norm
 from common.precision import dtype_from_name
 from common.safetensors_io import CheckpointIndex
 from common.spectra import TaskVectorSpectrum, TensorSpectrum, analyze_task_vector, analyze_tensor, factor_spectrum
@@ -197,10 +197,8 @@ def count_intruders(weight: torch.Tensor | None, tau: torch.Tensor, settings: tu
 
 def _count_energy(analysis: Analysis, name: str, tau: torch.Tensor, delta: torch.Tensor | None) -> None:
     """‖τ‖² of this tensor, and ‖τ − Δ‖²: what the adapter leaves of it (Δ = 0 where it does not reach)."""
-    tau = tau.double()
-    analysis.energy[name] = float(tau.square().sum())
-    rest = tau if delta is None else tau - delta.double()
-    analysis.residual_energy += float(rest.square().sum())
+    analysis.energy[name] = squared_norm(tau)
+    analysis.residual_energy += analysis.energy[name] if delta is None else squared_norm(tau, delta)
 
 
 def add_residual_in_ulps(
@@ -208,13 +206,10 @@ def add_residual_in_ulps(
 ) -> torch.Tensor:
     """τ − Δ in ulps of the merge dtype (max, RMS, a sample for the histogram returned); with the factors,
     whether every element is within the rounding a merge at that dtype can make."""
-    ulps = residual_ulps(item.base_weight, item.delta, tau, merge_dtype)
-    spectrum.residual_max_ulps = float(ulps.abs().max())
-    spectrum.residual_rms_ulps = float(ulps.square().mean().sqrt())
-    if item.product_magnitude is not None:
-        rank = max(spectrum.rank_lora, 1)
-        bound = rounding_bound(
-            item.base_weight, item.delta, merge_dtype, rank, item.product_magnitude, item.rounded_at_dtype
-        )
-        spectrum.within_rounding = bool(((tau.double() - item.delta.double()).abs() <= bound).all())
-    return evenly_spaced(ulps)
+    rank = max(spectrum.rank_lora, 1)
+    residual = rounding_residual(
+        item.base_weight, item.delta, tau, merge_dtype, rank, item.product_magnitude, item.rounded_at_dtype
+    )
+    spectrum.residual_max_ulps, spectrum.residual_rms_ulps = residual.max_ulps, residual.rms_ulps
+    spectrum.within_rounding = residual.within_rounding
+    return residual.ulp_sample

@@ -20,7 +20,7 @@ from common.adapter import Change, LoraAdapter, LoraTarget, ParameterPiece
 from common.errors import UserError
 from common.finite import require_finite
 from common.lora import DeltaPlan, apply_changes, common_rows, exact_delta, product_magnitude, rounded_at_dtype
-from common.metrics import TensorComparison, add_rounding_check, compare_tensor, rounding_bound, ulp_sample
+from common.metrics import TensorComparison, compare_tensor, max_abs, rounding_bound, rounding_residual
 from common.model_layout import fingerprint
 from common.precision import dtype_from_name
 from common.safetensors_io import CheckpointIndex, SafetensorsWriter
@@ -148,7 +148,7 @@ def rounding_floor(
     magnitudes (|W| from the extraction's record or the base, |Δ|, the product magnitude); it grows with each, so
     no element's bound exceeds it."""
     w = torch.tensor([base_max_abs], dtype=torch.float64)
-    largest = torch.tensor([float(delta.abs().max()) if delta.numel() else 0.0], dtype=torch.float64)
+    largest = torch.tensor([max_abs(delta)], dtype=torch.float64)
     product = torch.tensor([float(magnitude.max()) if magnitude.numel() else 0.0], dtype=torch.float64)
     rounded = rounded_at_dtype(changes, w, largest, product)
     return float(rounding_bound(w, largest, dtype, _rank(changes), product, rounded)[0])
@@ -171,8 +171,9 @@ def check_rounding(
     dtype = comparison.merge_dtype
     magnitude = product_magnitude(changes, adapter, delta, weight)
     rounded = rounded_at_dtype(changes, weight, delta, magnitude)
-    add_rounding_check(result, weight, delta, tau, dtype, _rank(changes), magnitude, rounded)
-    result.rounding_floor = rounding_floor(float(weight.abs().max()), delta, magnitude, dtype, changes)
+    residual = rounding_residual(weight, delta, tau, dtype, _rank(changes), magnitude, rounded)
+    result.within_rounding, result.max_diff_ulps = residual.within_rounding, residual.max_ulps
+    result.rounding_floor = rounding_floor(max_abs(weight), delta, magnitude, dtype, changes)
     merged = common_rows(apply_changes(weight.to(dtype, copy=True), changes, adapter), weight)  # adds in place
     result.reproduces_merge = torch.equal(merged.to(tau.dtype) - weight.to(tau.dtype), tau)
-    comparison.ulp_errors.append(ulp_sample(weight, delta, tau, dtype))
+    comparison.ulp_errors.append(residual.ulp_sample)

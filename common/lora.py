@@ -10,6 +10,7 @@ merge plan when the base is given), `exact_delta` applies the changes in float64
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -49,8 +50,8 @@ def lora_delta(
     lora_a, lora_b = adapter_dtype(lora_a), adapter_dtype(lora_b)
     if compute_dtype is not None:
         lora_a, lora_b = lora_a.to(compute_dtype), lora_b.to(compute_dtype)
-    product = lora_b @ lora_a
-    return (product.T if target.fan_in_fan_out or target.embedding else product) * target.scaling
+    product = (lora_b @ lora_a).mul_(target.scaling)  # in place: the same rounding as a scaled copy, no second copy
+    return product.T if target.fan_in_fan_out or target.embedding else product
 
 
 def apply_changes(
@@ -235,18 +236,29 @@ def product_magnitude(
     """Σ |s|·(|B| @ |A|) over a tensor's low-rank changes (float64, Δ's layout), PiSSA / OLoRA's B₀A₀ (from
     `weight`) included: the scale of the fp32 rounding in B @ A, which can far exceed |Δ| where the products
     cancel. Zero for other changes."""
-    total = torch.zeros(like.shape, dtype=torch.float64, device=like.device)
+    terms = []
     for change in changes:
         if isinstance(change, LoraTarget):
             lora_a, lora_b = (f.to(like.device).abs() for f in adapter.factors(change))
-            total += lora_delta(change, lora_a, lora_b, torch.float64).abs()
+            terms.append(lora_delta(change, lora_a, lora_b, torch.float64).abs_())
             if change.init is not None and weight is not None:
                 init_a, init_b = (f.abs().double() for f in initial_factors(weight, change))
                 product = change.scaling * init_b @ init_a
                 transposed = change.fan_in_fan_out and change.init == "pissa"
-                total += product.T if transposed else product
+                terms.append(product.T if transposed else product)
         elif isinstance(change, ParameterPiece):
-            total += _piece_magnitude(change, adapter, like.device)
+            terms.append(_piece_magnitude(change, adapter, like.device))
+    if not terms:
+        return torch.zeros(like.shape, dtype=torch.float64, device=like.device)
+    return common_rows(sum_of(terms), like)
+
+
+def sum_of(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    """t₁ + t₂ + …, left to right, adding in place into the first (which callers hand over)."""
+    iterator = iter(terms)
+    total = next(iterator)
+    for term in iterator:
+        total = total + term if total.shape != term.shape else total.add_(term)
     return total
 
 
@@ -325,10 +337,11 @@ def exact_delta(
     """Δ in float64 (and the base tensor when there is one): merged − base, computed as the merge does (at
     `merge_dtype`, where it matters: the initial factors of PiSSA / OLoRA)."""
     changes = plan.changes[name]
-    if base is None:
-        delta, weight = sum(base_free_delta(c, adapter, device) for c in changes), None
+    weight = None if base is None else base.read(plan.sources[name]).to(device)
+    if all(is_base_free(c) for c in changes):  # Δ itself, not (W + Δ) − W rounded in float64
+        delta = sum_of(base_free_delta(c, adapter, device) for c in changes)
+        delta = delta if weight is None else common_rows(delta, weight)
     else:
-        weight = base.read(plan.sources[name]).to(device)
         exact = weight.double()
         merged = apply_changes(exact.clone(), changes, adapter, torch.float64, merge_dtype)
         delta = common_rows(merged, exact) - exact

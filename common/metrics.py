@@ -6,6 +6,7 @@ rounding can never report more (the original write-up's 1.225 was a bug).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,32 @@ import torch
 from common.precision import ulp
 
 PERFECT_COSINE = 0.9999
+
+
+def chunk_elements(device: torch.device) -> int:
+    """Elements per chunk of an element-wise pass: on a CPU 2¹⁵ (256 KB of float64 per temporary, which stays in
+    cache and is recycled by malloc; 8 MB ones run several times slower), on a GPU 2²⁴ (few kernel launches)."""
+    return 1 << 15 if device.type == "cpu" else 1 << 24
+
+
+def max_abs(x: torch.Tensor) -> float:
+    """max |x| (0 for an empty tensor), without a copy of |x|."""
+    if not x.numel():
+        return 0.0
+    low, high = torch.aminmax(x)
+    return max(-float(low), float(high))
+
+
+def squared_norm(x: torch.Tensor, minus: torch.Tensor | None = None) -> float:
+    """‖x‖²_F, or ‖x − y‖²_F, in float64 over chunks (no float64 copy of the whole tensor)."""
+    flat, other = x.reshape(-1), None if minus is None else minus.reshape(-1)
+    size, total = chunk_elements(flat.device), torch.zeros((), dtype=torch.float64, device=flat.device)
+    for start in range(0, flat.numel(), size):
+        part = flat[start : start + size].double()
+        if other is not None:
+            part = part - other[start : start + size].double()
+        total += part.dot(part)
+    return float(total)
 
 
 @dataclass
@@ -40,34 +67,50 @@ class TensorComparison:
 def cosine(x: torch.Tensor, y: torch.Tensor) -> float:
     """⟨x,y⟩ / (‖x‖‖y‖) in float64, clamped to [−1, 1]; 1 for two zero tensors, 0 for one."""
     x, y = x.double().flatten(), y.double().flatten()
-    nx, ny = torch.linalg.vector_norm(x), torch.linalg.vector_norm(y)
-    if nx == 0 or ny == 0:
-        return 1.0 if nx == ny else 0.0
-    return float(torch.clamp(torch.dot(x, y) / (nx * ny), -1.0, 1.0))
+    return cosine_of(float(x.dot(y)), float(x.dot(x)) ** 0.5, float(y.dot(y)) ** 0.5)
 
 
 def compare_tensor(name: str, lora_delta: torch.Tensor, task_vector: torch.Tensor) -> TensorComparison:
     """Cosine, max |τ − Δ|, relative error, norms, and the least-squares scale c with how well τ ≈ c·Δ fits, all
-    in float64."""
-    delta, tau = lora_delta.double(), task_vector.double()
-    diff = tau - delta
-    norm_delta = float(torch.linalg.vector_norm(delta))
-    delta_sq = norm_delta**2
-    scale = float(torch.dot(tau.flatten(), delta.flatten())) / delta_sq if delta_sq else float("nan")
-    fit = tau - scale * delta if delta_sq else tau
-    norm_diff, norm_fit = float(torch.linalg.vector_norm(diff)), float(torch.linalg.vector_norm(fit))
+    in float64, in two chunked passes (sums as dot products): the sums and c, then τ − cΔ."""
+    delta, tau = lora_delta.reshape(-1), task_vector.reshape(-1)
+    size = chunk_elements(delta.device)
+    sums = torch.zeros(5, dtype=torch.float64, device=delta.device)  # ‖Δ‖², ‖τ‖², ⟨τ,Δ⟩, ‖τ−Δ‖², max|τ−Δ|
+    for start in range(0, delta.numel(), size):
+        d, t = delta[start : start + size].double(), tau[start : start + size].double()
+        diff = t - d
+        part = torch.stack([d.dot(d), t.dot(t), t.dot(d), diff.dot(diff), diff.abs().max()])
+        sums[:4] += part[:4]
+        sums[4] = torch.maximum(sums[4], part[4])
+    delta_sq, tau_sq, inner, diff_sq, max_diff = sums.tolist()
+    scale = inner / delta_sq if delta_sq else float("nan")
+    fit_sums = torch.zeros(2, dtype=torch.float64, device=delta.device)  # ‖τ − cΔ‖², max|τ − cΔ|
+    for start in range(0, delta.numel(), size):
+        t = tau[start : start + size].double()
+        fit = t - scale * delta[start : start + size].double() if delta_sq else t
+        fit_sums[0] += fit.dot(fit)
+        fit_sums[1] = torch.maximum(fit_sums[1], fit.abs().max())
+    fit_sq, max_fit = fit_sums.tolist()
+    norm_delta, norm_tau, norm_diff, norm_fit = (math.sqrt(x) for x in (delta_sq, tau_sq, diff_sq, fit_sq))
     return TensorComparison(
         name=name,
-        cosine=cosine(delta, tau),
-        max_abs_diff=float(diff.abs().max()) if diff.numel() else 0.0,
+        cosine=cosine_of(inner, norm_delta, norm_tau),
+        max_abs_diff=max_diff,
         rel_error=norm_diff / norm_delta if norm_delta else float("inf"),
         norm_lora=norm_delta,
-        norm_task_vector=float(torch.linalg.vector_norm(tau)),
+        norm_task_vector=norm_tau,
         scale=scale,
         scale_sigma=norm_fit / (norm_delta * max(1, delta.numel()) ** 0.5) if norm_delta else float("inf"),
         fit_residual=norm_fit / norm_diff if norm_diff else 0.0,
-        max_abs_fit_residual=float(fit.abs().max()) if fit.numel() else 0.0,
+        max_abs_fit_residual=max_fit,
     )
+
+
+def cosine_of(inner: float, norm_x: float, norm_y: float) -> float:
+    """⟨x,y⟩ / (‖x‖‖y‖) clamped to [−1, 1]; 1 for two zero tensors, 0 for one."""
+    if norm_x == 0 or norm_y == 0:
+        return 1.0 if norm_x == norm_y else 0.0
+    return min(1.0, max(-1.0, inner / (norm_x * norm_y)))
 
 
 def rounding_bound(
@@ -99,8 +142,17 @@ def rounding_bound(
     return 0.5 * ulp(w, dtype) + 0.5 * ulp(merged, dtype) + 0.5 * ulp(delta.abs(), dtype) + fp32_slack + extra
 
 
-def add_rounding_check(
-    result: TensorComparison,
+@dataclass
+class RoundingResidual:
+    """τ − Δ measured against the rounding of a merge at some dtype, element by element."""
+
+    max_ulps: float  # max |τ − Δ| in ulps of the dtype at the merged weight's magnitude |W| + |Δ|
+    rms_ulps: float
+    ulp_sample: torch.Tensor  # (τ − Δ) in those ulps at every ⌊n / sample_size⌋-th element (float32, CPU)
+    within_rounding: bool | None  # every |τ − Δ| within rounding_bound; None without the product magnitude
+
+
+def rounding_residual(
     base: torch.Tensor,
     lora_delta: torch.Tensor,
     task_vector: torch.Tensor,
@@ -108,31 +160,40 @@ def add_rounding_check(
     rank: int,
     product_magnitude: torch.Tensor | None = None,
     rounded_at_dtype: torch.Tensor | None = None,
-) -> None:
-    """Record whether every difference is explained by rounding at the merge dtype, and the worst in ulps."""
-    diff = (task_vector.double() - lora_delta.double()).abs()
-    bound = rounding_bound(base, lora_delta, dtype, rank, product_magnitude, rounded_at_dtype)
-    result.within_rounding = bool((diff <= bound).all())
-    ulps = residual_ulps(base, lora_delta, task_vector, dtype)
-    result.max_diff_ulps = float(ulps.abs().max()) if ulps.numel() else 0.0
-
-
-def residual_ulps(
-    base: torch.Tensor, lora_delta: torch.Tensor, task_vector: torch.Tensor, dtype: torch.dtype
-) -> torch.Tensor:
-    """(τ − Δ) element by element in ulps of `dtype` at the merged weight's magnitude |W| + |Δ| (float64)."""
-    delta = lora_delta.double()
-    return (task_vector.double() - delta) / ulp(base.double().abs() + delta.abs(), dtype)
-
-
-def ulp_sample(
-    base: torch.Tensor, lora_delta: torch.Tensor, task_vector: torch.Tensor, dtype: torch.dtype, size: int = 20000
-) -> torch.Tensor:
-    """Up to `size` evenly spaced elements of (τ − Δ) in ulps of `dtype` at the merged weight (float32, CPU)."""
-    return evenly_spaced(residual_ulps(base, lora_delta, task_vector, dtype), size)
-
-
-def evenly_spaced(values: torch.Tensor, size: int = 20000) -> torch.Tensor:
-    """Up to `size` evenly spaced elements of a tensor, flattened (float32, CPU): a histogram's sample."""
-    flat = values.flatten()
-    return flat[:: max(1, flat.numel() // size)].float().cpu()
+    sample_size: int = 20000,
+) -> RoundingResidual:
+    """(τ − Δ) / ulp_dtype(|W| + |Δ|) and |τ − Δ| ≤ rounding_bound, element by element in one pass over
+    contiguous chunks, with the same float64 expressions as rounding_bound (so the same value for every element),
+    |W|, |Δ| and the merged weight's ulp computed once. The bound is only a bound with the product magnitude (the
+    fp32 rounding of B @ A), so without it `within_rounding` is None."""
+    w, delta, tau = base.reshape(-1), lora_delta.reshape(-1), task_vector.reshape(-1)
+    magnitude = None if product_magnitude is None else product_magnitude.reshape(-1)
+    rounded = None if rounded_at_dtype is None else rounded_at_dtype.expand_as(base).reshape(-1)
+    count, step, size = w.numel(), max(1, w.numel() // sample_size), chunk_elements(w.device)
+    zero = torch.zeros((), dtype=torch.float64, device=w.device)
+    worst, square_sum, beyond, samples = zero, zero, zero, []
+    for start in range(0, count, size):
+        part = slice(start, start + size)
+        w_abs, delta_part = w[part].double().abs(), delta[part].double()
+        diff = tau[part].double() - delta_part
+        delta_abs = delta_part.abs()
+        merged = w_abs + delta_abs  # ≥ |W|, as rounding_bound's clamp makes sure
+        merged_ulp = ulp(merged, dtype)
+        ulps = diff / merged_ulp
+        worst = torch.maximum(worst, ulps.abs().max())
+        square_sum = square_sum + torch.dot(ulps, ulps)
+        samples.append(ulps[-start % step :: step].float())
+        if magnitude is not None:
+            fp32_slack = (rank + 2) * ulp(torch.maximum(merged, magnitude[part].double()), torch.float32)
+            extra = 0.0 if rounded is None else 0.5 * ulp(rounded[part].double(), dtype)
+            if dtype == torch.float32:
+                bound = 0.5 * merged_ulp + fp32_slack + extra
+            else:
+                bound = 0.5 * ulp(w_abs, dtype) + 0.5 * merged_ulp + 0.5 * ulp(delta_abs, dtype) + fp32_slack + extra
+            beyond = beyond + (diff.abs() > bound).sum()
+    return RoundingResidual(
+        max_ulps=float(worst),
+        rms_ulps=(float(square_sum) / count) ** 0.5 if count else 0.0,
+        ulp_sample=torch.cat(samples).cpu() if samples else torch.empty(0),
+        within_rounding=None if magnitude is None else not bool(beyond),
+    )

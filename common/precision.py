@@ -41,11 +41,17 @@ def is_rounding_artifact_of_delta(base: torch.Tensor, task_vector: torch.Tensor,
     return torch.equal(base32 + task_vector.float(), base32.to(dtype).float())
 
 
+EXPONENT_BITS = 0x7FF0000000000000  # of a float64: its value with the mantissa cleared is 2^⌊log₂ x⌋
+
+
 def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Unit in the last place of `dtype` at the magnitude of `x` (float64), subnormals included."""
+    """Unit in the last place of `dtype` at the magnitude of `x` (float64), subnormals included:
+    eps(dtype) · 2^⌊log₂ |x|⌋, the power of two read off x's exponent bits (|x| clamped to dtype's smallest normal
+    number, below which the spacing stays that of the subnormals)."""
     info = torch.finfo(dtype)
-    _, exponent = torch.frexp(x.abs().double().clamp_min(info.smallest_normal))  # |x| = m·2^e, m in [½, 1)
-    return torch.ldexp(torch.full_like(exponent, info.eps, dtype=torch.float64), exponent - 1)
+    magnitude = x.abs().double().clamp_min(info.smallest_normal)
+    power = torch.bitwise_and(magnitude.view(torch.int64), EXPONENT_BITS).view(torch.float64)
+    return power * info.eps
 
 
 def a_dtype(name: str | None) -> str:
