@@ -20,7 +20,7 @@ import contextlib
 from pathlib import Path
 
 from common.adapter import LoraAdapter
-from common.analysis import analyze_files, deltas_from_adapter, deltas_from_file
+from common.analysis import Analysis, analyze_files, deltas_from_adapter, deltas_from_file
 from common.analysis_report import analysis_markdown, analysis_report
 from common.cli import (
     add_overwrite,
@@ -45,7 +45,6 @@ from common.finite import strict_json
 from common.lora import plan_deltas
 from common.model_layout import read_config
 from common.outputs import check_output_dir, staged_output_dir
-from common.plots import analysis_plots
 from common.precision import dtype_from_name
 from common.safetensors_io import CheckpointIndex
 from common.sources import resolve_adapter, resolve_model
@@ -114,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             analysis.export = exporter.write(staging / FOLDER, adapter.config if adapter else None, base_model)
         report = analysis_report(analysis)
         (staging / "analysis.json").write_text(strict_json(report))
-        plots = [] if args.skip_plots else analysis_plots(analysis, staging)
+        plots = [] if args.skip_plots else draw_plots(analysis, staging)
         (staging / "report.md").write_text(analysis_markdown(report, plots))
 
     log.info("FINDINGS:")
@@ -165,6 +164,13 @@ def make_exporter(args, task_vector: CheckpointIndex, base_dir: Path | None) -> 
     )
     kinds = ModuleKinds(recorded_base_dir(base_dir, task_vector.metadata))
     return LoraExporter(request, kinds, task_vector.shapes())
+
+
+def draw_plots(analysis: Analysis, folder: Path) -> list[str]:
+    """The analysis's plots; matplotlib (about a second to import) only when they are drawn."""
+    from common.plots import analysis_plots
+
+    return analysis_plots(analysis, folder)
 
 
 if __name__ == "__main__":

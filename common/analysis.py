@@ -117,8 +117,8 @@ def analyze_files(
             raise UserError(
                 f"{item.name}: LoRA delta {list(item.delta.shape)} and task vector {list(tau.shape)} do not match"
             )
-        _count_energy(analysis, item.name, tau, item.delta)
         if item.delta.dim() != 2:
+            _count_energy(analysis, item.name, squared_norm(tau), squared_norm(tau, item.delta))
             analysis.not_matrices.append(item.name)
             if exporter is not None:
                 exporter.add(item.name, tau, item.base_weight, item.delta)
@@ -127,6 +127,7 @@ def analyze_files(
             item.name, item.delta, tau, torch.float32, full_svd, item.spectrum, item.base_weight
         )
         spectrum.lora_rank = item.lora_rank
+        _count_energy(analysis, item.name, decomposition.energy, spectrum.residual_rms**2 * tau.numel())
         spectrum.intruder_dimensions = count_intruders(item.base_weight, tau, intruders)
         if item.base_weight is not None and merge_dtype is not None and item.base_weight.shape == tau.shape:
             analysis.ulp_samples.append(add_residual_in_ulps(spectrum, item, tau, merge_dtype))
@@ -171,7 +172,8 @@ def analyze_other(
     analysis.task_vector_only_nonzero.append(name)
     tau = task_vector.read(name).to(device)
     require_finite(tau, f"{task_vector.source}: tensor {name}")
-    _count_energy(analysis, name, tau, None)
+    energy = squared_norm(tau)
+    _count_energy(analysis, name, energy, energy)
     if status == TauStatus.ROUNDING_ARTIFACT:
         if exporter is not None:
             exporter.skip(name, "only the base's rounding to the merge's dtype: nothing learned", tau)
@@ -195,10 +197,10 @@ def count_intruders(weight: torch.Tensor | None, tau: torch.Tensor, settings: tu
     return intruder_dimensions(weight, tau, k, epsilon).count
 
 
-def _count_energy(analysis: Analysis, name: str, tau: torch.Tensor, delta: torch.Tensor | None) -> None:
-    """‖τ‖² of this tensor, and ‖τ − Δ‖²: what the adapter leaves of it (Δ = 0 where it does not reach)."""
-    analysis.energy[name] = squared_norm(tau)
-    analysis.residual_energy += analysis.energy[name] if delta is None else squared_norm(tau, delta)
+def _count_energy(analysis: Analysis, name: str, energy: float, residual_energy: float) -> None:
+    """‖τ‖²_F of this tensor, and ‖τ − Δ‖²_F: what the adapter leaves of it (all of it where Δ does not reach)."""
+    analysis.energy[name] = energy
+    analysis.residual_energy += residual_energy
 
 
 def add_residual_in_ulps(

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.metrics import compare_tensor, squared_norm
+from common.metrics import compare_tensor
 
 TOP_SINGULAR_VALUES = 24
 PROFILE_SINGULAR_VALUES = 256  # of τ analysed on its own: enough to draw where 90% of its energy is reached
@@ -211,7 +211,7 @@ def analyze_tensor(
     rank_tau = numerical_rank(s_tau, shape, stored_dtype)
     metrics = compare_tensor(name, delta, tau)
     energy = metrics.norm_task_vector**2
-    residual_rms = math.sqrt(squared_norm(tau, delta) / delta.numel())
+    residual_rms = metrics.norm_diff / math.sqrt(delta.numel())
     module, layer = module_and_layer(name)
     in_subspace = u_delta[:, :rank].T @ tau
     angles = principal_angles(u_delta[:, :rank], u_tau[:, :rank])
