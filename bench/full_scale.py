@@ -1,74 +1,136 @@
-"""Benchmark: the four steps on the full 30-layer StarCoder2-3B shape (12 GB at fp32 per checkpoint).
+"""Benchmark: the README's four commands on the full 30-layer StarCoder2-3B shape (12 GB at fp32 per checkpoint).
 
-Builds the checkpoint and a rank-16 LoRA on q/k/v/o (bench/streaming_bench.py's builder), runs merge,
-extract, compare and analyze as the README does, each in its own process under /usr/bin/time, then tries
-the naive extraction (two `from_pretrained`, subtract, save) and records how it ends. Deletes every file.
+Builds the checkpoint and a rank-16 LoRA on q/k/v/o (bench/streaming_bench.py's builder), then runs, each in
+its own process under /usr/bin/time (wall seconds, peak RSS), `--repeats` rounds interleaved, medians reported:
+- the README's commands exactly as it prints them (paths replaced): merge at fp32, extract, compare **with
+  --base_model and --tolerance 1e-5**, analyze with --lora_file;
+- beside them: compare without --base_model; analyze with --base_model (residual in ulps, intruder
+  dimensions); τ alone (no LoRA) with and without intruder dimensions; merge with fsync turned into a no-op
+  (what flushing the output to disk costs); compare with torch's huge-page allocation turned off.
+Then checks the verdict, and that compare's figures are the same in every round. Deletes every file it wrote.
 
-    .venv/bin/python bench/full_scale.py --work /tmp/sc2_full --out bench/full_scale.json
+    .venv/bin/python bench/full_scale.py --work /tmp/sc2_full --out bench/full_scale_30_layers.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from streaming_bench import NAIVE_EXTRACT, REPO, build, timed
+from streaming_bench import REPO, build, fresh, round_robin
+
+NO_FSYNC = "import os, runpy, sys; os.fsync = lambda fd: None; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"  # noqa: E501
 
 
-def naive_attempt(base: Path, merged: Path, out: Path) -> dict:
-    """The naive extraction, which is expected to run out of memory: its exit status and last words."""
-    command = ["/usr/bin/time", "-f", "TIME %e %M", sys.executable, "-c", NAIVE_EXTRACT, base, merged, out]
-    result = subprocess.run(list(map(str, command)), cwd=REPO, capture_output=True, text=True)
-    lines = result.stderr.strip().splitlines()
-    wall, rss_kb = lines[-1].split()[1:] if lines and lines[-1].startswith("TIME") else ("nan", "0")
+def timed(*command: object, env: dict[str, str] | None = None, ok: tuple[int, ...] = (0,)) -> dict:
+    """Wall seconds, peak RSS (GB) and exit code of one command in its own process."""
+    result = subprocess.run(
+        ["/usr/bin/time", "-f", "TIME %e %M", *map(str, command)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=os.environ | (env or {}),
+    )
+    if result.returncode not in ok:
+        sys.exit(f"{command} failed:\n{result.stderr[-3000:]}")
+    wall, rss_kb = result.stderr.strip().splitlines()[-1].split()[1:]
+    return {"wall_s": float(wall), "peak_rss_gb": round(int(rss_kb) / 1024**2, 3), "exit_code": result.returncode}
+
+
+def readme_steps(base: Path, adapter: Path, work: Path) -> dict[str, Callable[[int], dict]]:
+    """The README's four commands, in its order and with its flags."""
+    py, merged, tv = sys.executable, work / "merged_model_fp32", work / "task_vectors_fp32"
+    cmp, analysis = work / "comparison_results", work / "mathematical_analysis"
     return {
-        "exit_code": result.returncode,
-        "wall_s": float(wall),
-        "peak_rss_gb": round(int(rss_kb) / 1024**2, 3),
-        "stderr_tail": [line for line in lines if not line.startswith("TIME")][-3:],
+        "merge": lambda i: timed(py, "merge_lora.py", "--base_model", base, "--lora_path", adapter,
+                                 "--output_dir", fresh(merged), "--precision", "fp32"),
+        "extract": lambda i: timed(py, "extract_task_vectors.py", "--base_model", base,
+                                   "--finetuned_model", merged, "--output_dir", fresh(tv)),
+        "compare": lambda i: timed(py, "compare_lora_task_vector.py", "--base_model", base, "--lora_path", adapter,
+                                   "--task_vector_path", tv / "task_vector.safetensors",
+                                   "--output_dir", fresh(cmp), "--tolerance", "1e-5"),
+        "analyze": lambda i: timed(py, "analyze_lora_vs_task_vector_math.py",
+                                   "--lora_file", cmp / "lora_deltas.safetensors",
+                                   "--task_vector_file", tv / "task_vector.safetensors",
+                                   "--output_dir", fresh(analysis)),
+    }  # fmt: skip
+
+
+def other_steps(base: Path, adapter: Path, work: Path) -> dict[str, Callable[[int], dict]]:
+    """The same steps with other options, on the README steps' outputs."""
+    py, tv = sys.executable, work / "task_vectors_fp32" / "task_vector.safetensors"
+    analyze = [py, "analyze_lora_vs_task_vector_math.py", "--task_vector_file", tv]
+    return {
+        "merge_without_fsync": lambda i: timed(py, "-c", NO_FSYNC, "merge_lora.py", "--base_model", base,
+                                               "--lora_path", adapter, "--output_dir", fresh(work / "merged_nosync"),
+                                               "--precision", "fp32"),
+        "compare_without_base": lambda i: timed(py, "compare_lora_task_vector.py", "--lora_path", adapter,
+                                                "--task_vector_path", tv, "--output_dir", fresh(work / "cmp_nobase"),
+                                                "--tolerance", "1e-5"),
+        "compare_without_huge_pages": lambda i: timed(py, "compare_lora_task_vector.py", "--base_model", base,
+                                                      "--lora_path", adapter, "--task_vector_path", tv,
+                                                      "--output_dir", fresh(work / "cmp_nothp"), "--tolerance", "1e-5",
+                                                      env={"THP_MEM_ALLOC_ENABLE": "0"}),
+        "analyze_with_base": lambda i: timed(*analyze, "--lora_path", adapter, "--base_model", base,
+                                             "--output_dir", fresh(work / "analysis_base")),
+        "analyze_tau_alone": lambda i: timed(*analyze, "--output_dir", fresh(work / "analysis_tau")),
+        "analyze_tau_alone_intruders": lambda i: timed(*analyze, "--base_model", base,
+                                                       "--output_dir", fresh(work / "analysis_tau_intruders")),
+    }  # fmt: skip
+
+
+def figures(work: Path) -> dict:
+    """What the README's compare and analyze said, to check every round says the same."""
+    report = json.loads((work / "comparison_results" / "comparison_report.json").read_text())
+    analysis = json.loads((work / "mathematical_analysis" / "analysis.json").read_text())
+    alone = json.loads((work / "analysis_tau_intruders" / "analysis.json").read_text())
+    return {
+        "compare_summary": {k: report["summary"].get(k) for k in ("equivalent", "cause", "reason")},
+        "compare_tensors": [
+            {k: t[k] for k in ("name", "cosine", "max_abs_diff", "within_rounding", "reproduces_merge")}
+            for t in report["tensors"]
+        ],
+        "analysis_findings": analysis["summary"]["findings"],
+        "intruder_dimensions_total": alone["summary"].get("intruder_dimensions_total"),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("/tmp/sc2_full"))
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--skip_naive", action="store_true")
     args = parser.parse_args()
     shutil.rmtree(args.work, ignore_errors=True)
     try:
         base, adapter = build(args.work / "model", args.layers)
-        work, py = args.work, sys.executable
-        merged, tv, cmp = work / "merged", work / "task_vectors", work / "comparison"
-        runs = {
-            "merge": timed(py, "merge_lora.py", "--base_model", base, "--lora_path", adapter, "--output_dir", merged),
-            "extract": timed(py, "extract_task_vectors.py", "--base_model", base, "--finetuned_model", merged,
-                             "--output_dir", tv),
-            "compare": timed(py, "compare_lora_task_vector.py", "--lora_path", adapter, "--task_vector_path",
-                             tv / "task_vector.safetensors", "--output_dir", cmp),
-            "analyze": timed(py, "analyze_lora_vs_task_vector_math.py", "--lora_file",
-                             cmp / "lora_deltas.safetensors", "--task_vector_file", tv / "task_vector.safetensors",
-                             "--output_dir", work / "analysis"),
-        }  # fmt: skip
-        summary = json.loads((cmp / "comparison_report.json").read_text())["summary"]
-        analysis = json.loads((work / "analysis" / "analysis.json").read_text())["summary"]
+        steps = readme_steps(base, adapter, args.work) | other_steps(base, adapter, args.work)
+        rounds: list[dict] = []
+
+        def check(i: int) -> dict:
+            rounds.append(figures(args.work))
+            return {"wall_s": 0.0, "peak_rss_gb": 0.0}
+
+        runs = round_robin(steps | {"check": check}, args.repeats)
+        del runs["check"]
+        readme_total = sum(runs[s]["wall_s"] for s in ("merge", "extract", "compare", "analyze"))
         report = {
             "layers": args.layers,
             "checkpoint_gb": round((base / "model.safetensors").stat().st_size / 1e9, 2),
+            "cpus": os.cpu_count(),
+            "repeats": args.repeats,
             "runs": runs,
-            "compare_equivalent": summary["equivalent"],
-            "compare_reason": summary["reason"],
-            "analysis_findings": analysis["findings"],
-            "task_vector_disk_gb": round(sum(f.stat().st_blocks * 512 for f in tv.iterdir()) / 1e9, 2),
+            "readme_commands_total_s": round(readme_total, 1),
+            "same_figures_every_round": all(r == rounds[0] for r in rounds),
+            **{k: v for k, v in rounds[0].items() if k != "compare_tensors"},
         }
-        print(json.dumps(report, indent=2), file=sys.stderr)
-        if not args.skip_naive:
-            report["naive_extraction"] = naive_attempt(base, merged, work / "naive.safetensors")
     finally:
         shutil.rmtree(args.work, ignore_errors=True)
     text = json.dumps(report, indent=2)
