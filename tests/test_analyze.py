@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_user_error, run_script
+from conftest import assert_user_error, run_main
 
 from common.spectra import largest_principal_angle, numerical_rank
 
@@ -26,9 +26,9 @@ def analyses(tiny, pipeline, tmp_path_factory):
             "--output_dir",
             root / "cmp",
         ]
-        assert run_script("compare_lora_task_vector.py", *cmp_args).returncode in (0, 1)
+        assert run_main("compare_lora_task_vector.py", *cmp_args).returncode in (0, 1)
         args = ["--lora_file", root / "cmp" / "lora_deltas.safetensors", "--task_vector_file", run.task_vector_file]
-        result = run_script("analyze_lora_vs_task_vector_math.py", *args, "--output_dir", root / "out")
+        result = run_main("analyze_lora_vs_task_vector_math.py", *args, "--output_dir", root / "out")
         assert result.returncode == 0, result.stderr
         reports[precision] = (json.loads((root / "out" / "analysis.json").read_text()), root / "out", result.stdout)
     return reports
@@ -100,7 +100,7 @@ def test_files_of_different_models_are_a_user_error(tiny, tmp_path, pipeline):
         "--output_dir",
         tmp_path / "o",
     ]
-    assert_user_error(run_script("analyze_lora_vs_task_vector_math.py", *args), "not the same model")
+    assert_user_error(run_main("analyze_lora_vs_task_vector_math.py", *args), "not the same model")
     assert not (tmp_path / "o").exists()
 
 
@@ -132,7 +132,7 @@ def from_adapter(tiny, pipeline, analyses, tmp_path_factory):
     """analysis.json of the fp16 pipeline with Δ from the adapter itself and the base weights."""
     out = tmp_path_factory.mktemp("analysis_adapter") / "out"
     args = ["--lora_path", tiny.adapter, "--base_model", tiny.base, "--output_dir", out]
-    result = run_script(
+    result = run_main(
         "analyze_lora_vs_task_vector_math.py", *args, "--task_vector_file", pipeline("fp16").task_vector_file
     )
     assert result.returncode == 0, result.stderr
@@ -200,7 +200,7 @@ def test_rounding_bound_covers_cancellation_in_b_at_a_only_with_the_factors():
 
 def test_lora_file_and_lora_path_together_are_a_usage_error(tiny, tmp_path, pipeline):
     args = ["--lora_file", tmp_path / "x.safetensors", "--lora_path", tiny.adapter]
-    result = run_script(
+    result = run_main(
         "analyze_lora_vs_task_vector_math.py", *args, "--task_vector_file", pipeline("fp32").task_vector_file
     )
     assert_user_error(result, "--lora_file and --lora_path exclude each other")

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_user_error, run_script
+from conftest import assert_user_error, run_main
 from safetensors.torch import load_file
 
 from common.adapter import LoraAdapter
@@ -25,7 +25,7 @@ TENSOR_KEYS = {"name", "cosine", "max_abs_diff", "rel_error", "norm_lora", "norm
 def compare(tiny, tmp_path, task_vector_file, *extra, adapter=None):
     out = tmp_path / "cmp"
     args = ["--lora_path", adapter or tiny.adapter, "--task_vector_path", task_vector_file, "--output_dir", out]
-    result = run_script("compare_lora_task_vector.py", *args, *extra)
+    result = run_main("compare_lora_task_vector.py", *args, *extra)
     report = json.loads((out / "comparison_report.json").read_text()) if result.returncode in (0, 1) else None
     return result, report, out
 

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_user_error, build_peft_adapter, load_weights, run_in_process, run_script
+from conftest import assert_user_error, load_weights, run_in_process, run_main, run_merge
 
 import analyze_lora_vs_task_vector_math as analyze
 from common.export import ExportRequest, LoraExporter
@@ -34,16 +34,17 @@ def logits(model) -> torch.Tensor:
 
 def analyze_and_export(out, *args) -> dict:
     """analyze's main in-process (the scripts' imports are already paid for), analysis.json back."""
-    assert analyze.main([*map(str, args), "--output_dir", str(out), "--device", "cpu"]) == 0
+    result = run_main("analyze_lora_vs_task_vector_math.py", *args, "--output_dir", out, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
     return json.loads((out / "analysis.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def rank8_fp32(tiny, pipeline, tmp_path_factory):
-    """A rank-8 export of the fp32 task vector, Δ from the adapter, run as a user runs it."""
+    """A rank-8 export of the fp32 task vector, Δ from the adapter, run as a user runs it (its main, in-process)."""
     out = tmp_path_factory.mktemp("export_fp32") / "out"
     args = ["--lora_path", tiny.adapter, "--task_vector_file", pipeline("fp32").task_vector_file]
-    result = run_script("analyze_lora_vs_task_vector_math.py", *args, "--output_dir", out, "--export_lora", 8)
+    result = run_main("analyze_lora_vs_task_vector_math.py", *args, "--output_dir", out, "--export_lora", 8)
     assert result.returncode == 0, result.stderr
     return json.loads((out / "analysis.json").read_text()), out, result.stdout
 
@@ -93,12 +94,11 @@ def test_adapter_config_says_scaling_one_on_the_exact_modules(tiny, rank8_fp32):
 @pytest.fixture(scope="module")
 def energy_fp16(tiny, pipeline, tmp_path_factory):
     """An export keeping 99 % of each tensor's energy, from the fp16 task vector, Δ from compare's file."""
-    import compare_lora_task_vector
-
     root = tmp_path_factory.mktemp("export_fp16")
     tau = pipeline("fp16").task_vector_file
     compare_args = ["--lora_path", tiny.adapter, "--task_vector_path", tau, "--output_dir", root / "cmp"]
-    assert compare_lora_task_vector.main([*map(str, compare_args), "--device", "cpu"]) in (0, 1)
+    result = run_main("compare_lora_task_vector.py", *compare_args, "--device", "cpu")
+    assert result.returncode in (0, 1), result.stderr
     deltas = root / "cmp" / "lora_deltas.safetensors"
     report = analyze_and_export(
         root / "out", "--lora_file", deltas, "--task_vector_file", tau, "--export_lora_energy", 0.99
@@ -151,13 +151,10 @@ def test_rank_k_error_falls_with_k_and_is_the_optimal_tail(pipeline):
 
 
 @pytest.fixture(scope="module")
-def variants(tiny, tiny_gpt2, tmp_path_factory):
+def variants(tiny, tiny_gpt2, peft_adapters, tmp_path_factory):
     """LoRA on a GPT-2's Conv1D layers (stored in × out) and on a StarCoder2 embedding: merged at fp32,
     extracted, analysed with --lora_path (and --base_model: peft saves the embedding's base weights too) and
     exported at the adapters' rank."""
-    import extract_task_vectors
-    import merge_lora
-
     root = tmp_path_factory.mktemp("export_variants")
     configs = {
         "conv1d": (tiny_gpt2, {"r": 4, "target_modules": ["c_attn", "c_proj"], "fan_in_fan_out": True}),
@@ -165,12 +162,12 @@ def variants(tiny, tiny_gpt2, tmp_path_factory):
     }
     built = {}
     for variant, (base, config) in configs.items():
-        adapter = build_peft_adapter(base, root / variant / "adapter", **config)
+        adapter = peft_adapters(base, **config)  # the adapters test_merge_variants and test_extract use too
         merged, tvs = root / variant / "merged", root / variant / "tv"
-        merge_args = ["--base_model", base, "--lora_path", adapter, "--output_dir", merged, "--device", "cpu"]
-        assert merge_lora.main(list(map(str, merge_args))) == 0
+        run_merge(base, adapter, merged, "--device", "cpu")
         extract_args = ["--base_model", base, "--finetuned_model", merged, "--output_dir", tvs, "--device", "cpu"]
-        assert extract_task_vectors.main(list(map(str, extract_args))) == 0
+        result = run_main("extract_task_vectors.py", *extract_args)
+        assert result.returncode == 0, result.stderr
         tau = tvs / "task_vector.safetensors"
         args = ["--lora_path", adapter, "--base_model", base, "--task_vector_file", tau, "--export_lora", 4]
         report = analyze_and_export(root / variant / "out", *args)
@@ -200,7 +197,7 @@ def test_conv1d_layers_without_the_adapter_are_refused(variants, tmp_path):
     _, _, tvs, _, _ = variants["conv1d"]
     tau = tvs / "task_vector.safetensors"
     args = ["--lora_file", tau, "--task_vector_file", tau, "--output_dir", tmp_path / "o", "--export_lora", 4]
-    result = run_script("analyze_lora_vs_task_vector_math.py", *args)
+    result = run_main("analyze_lora_vs_task_vector_math.py", *args)
     assert_user_error(result, "--export_lora", "gpt2", "Conv1D", "--lora_path")
     assert not (tmp_path / "o").exists()
 

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_user_error, load_weights, run_merge, run_script
+from conftest import assert_user_error, load_weights, run_main, run_merge
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -50,7 +50,7 @@ def test_low_precision_merge_makes_every_other_tensor_a_rounding_artifact(tiny, 
 
 def test_screen_summary_and_header_metadata(tiny, tmp_path, pipeline):
     out = tmp_path / "tv"
-    result = run_script(
+    result = run_main(
         "extract_task_vectors.py",
         "--base_model",
         tiny.base,
@@ -69,7 +69,7 @@ def test_screen_summary_and_header_metadata(tiny, tmp_path, pipeline):
 
 def extract(tiny, finetuned, out, *extra, base=None):
     args = ["--base_model", base or tiny.base, "--finetuned_model", finetuned, "--output_dir", out, *extra]
-    result = run_script("extract_task_vectors.py", *args)
+    result = run_main("extract_task_vectors.py", *args)
     assert result.returncode == 0, result.stderr
     stats = json.loads((out / "task_vector_stats.json").read_text())
     return result, stats, {t["name"]: t for t in stats["tensors"]}
@@ -121,7 +121,7 @@ def test_shards_with_an_index_and_compare_reads_them(tiny, tmp_path, pipeline):
     assert sharded.keys() == reference.keys() and all(torch.equal(sharded[k], reference[k]) for k in reference)
     for path in (out, out / "task_vector.safetensors.index.json"):
         args = ["--lora_path", tiny.adapter, "--task_vector_path", path, "--output_dir", tmp_path / f"cmp_{path.name}"]
-        assert run_script("compare_lora_task_vector.py", *args).returncode == 0
+        assert run_main("compare_lora_task_vector.py", *args).returncode == 0
 
 
 def test_skip_unchanged_keeps_only_the_changes(tiny, tmp_path, pipeline):
@@ -133,7 +133,7 @@ def test_skip_unchanged_keeps_only_the_changes(tiny, tmp_path, pipeline):
     full = load_file(pipeline("fp32").task_vector_file)
     assert all(torch.equal(kept[n], full[n]) for n in kept)
     args = ["--lora_path", tiny.adapter, "--task_vector_path", tmp_path / "tv" / "task_vector.safetensors"]
-    assert run_script("compare_lora_task_vector.py", *args, "--output_dir", tmp_path / "cmp").returncode == 0
+    assert run_main("compare_lora_task_vector.py", *args, "--output_dir", tmp_path / "cmp").returncode == 0
 
 
 def test_resized_vocabulary_is_reported_or_truncated(tiny, tmp_path, pipeline):
@@ -151,11 +151,9 @@ def test_resized_vocabulary_is_reported_or_truncated(tiny, tmp_path, pipeline):
     assert "first 512 rows compared" in stats["shape_mismatch"][0]
 
 
-def test_output_head_tied_in_one_model_only(tiny, tmp_path):
+def test_output_head_tied_in_one_model_only(tiny, tmp_path, peft_adapters):
     """Our merge unties the head for an embedding LoRA: its τ is taken against the base's tied embedding."""
-    from conftest import build_peft_adapter
-
-    adapter = build_peft_adapter(tiny.base, tmp_path / "adapter", r=4, target_modules=["embed_tokens", "q_proj"])
+    adapter = peft_adapters(tiny.base, r=4, target_modules=["embed_tokens", "q_proj"])
     merged = tmp_path / "merged"
     run_merge(tiny.base, adapter, merged)
     _, stats, by_name = extract(tiny, merged, tmp_path / "tv")
@@ -178,7 +176,7 @@ def test_missing_tensor_is_reported_not_crashed_on(tiny, tmp_path, pipeline):
     save_file(weights, finetuned / "model.safetensors")
     out = tmp_path / "tv"
     args = ["--base_model", tiny.base, "--finetuned_model", finetuned, "--output_dir", out]
-    result = run_script("extract_task_vectors.py", *args)
+    result = run_main("extract_task_vectors.py", *args)
     assert result.returncode == 0, result.stderr
     stats = json.loads((out / "task_vector_stats.json").read_text())
     assert stats["only_in_base"] == ["model.norm.bias"] and stats["only_in_finetuned"] == ["extra.weight"]
@@ -193,7 +191,7 @@ def test_config_file_with_command_line_override(tiny, tmp_path, pipeline):
         f"output_dir: {tmp_path / 'from_config'}\ntrust_remote_code: false\n"
     )
     args = ["--config", config, "--output_dir", tmp_path / "from_flag", "--trust_remote_code", "false"]
-    result = run_script("extract_task_vectors.py", *args)
+    result = run_main("extract_task_vectors.py", *args)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "from_flag" / "task_vector.safetensors").is_file()
     assert not (tmp_path / "from_config").exists()
@@ -207,7 +205,7 @@ def test_shipped_example_config_names_only_known_flags(tmp_path):
     example = yaml.safe_load(open(extract_task_vectors.__file__.replace(".py", "_config.yml")))
     assert {"base_model", "finetuned_model", "output_dir"} <= set(example)
     # Loading it must get past config validation to the (absent) models: a path error, not a config error.
-    result = run_script(
+    result = run_main(
         "extract_task_vectors.py", "--config", "extract_task_vectors_config.yml", "--base_model", tmp_path / "x"
     )
     assert_user_error(result, "no such file or folder")
@@ -225,7 +223,7 @@ def test_shipped_example_config_names_only_known_flags(tmp_path):
 def test_bad_config_is_one_line_exit_2(tmp_path, text, fragment):
     config = tmp_path / "bad.yml"
     config.write_text(text)
-    assert_user_error(run_script("extract_task_vectors.py", "--config", config), fragment)
+    assert_user_error(run_main("extract_task_vectors.py", "--config", config), fragment)
 
 
 def test_different_architectures_are_refused(tiny, tmp_path, pipeline):
@@ -235,7 +233,7 @@ def test_different_architectures_are_refused(tiny, tmp_path, pipeline):
     config["model_type"] = "llama"
     (other / "config.json").write_text(json.dumps(config))
     args = ["--base_model", tiny.base, "--finetuned_model", other, "--output_dir", tmp_path / "tv"]
-    assert_user_error(run_script("extract_task_vectors.py", *args), "not the same architecture")
+    assert_user_error(run_main("extract_task_vectors.py", *args), "not the same architecture")
 
 
 def test_negative_zero_differences_are_kept_and_zero_tensors_are_holes(tmp_path):
@@ -247,7 +245,7 @@ def test_negative_zero_differences_are_kept_and_zero_tensors_are_holes(tmp_path)
         (tmp_path / name).mkdir()
         save_file(tensors, tmp_path / name / "model.safetensors")
     args = ["--base_model", tmp_path / "base", "--finetuned_model", tmp_path / "finetuned"]
-    result = run_script("extract_task_vectors.py", *args, "--output_dir", tmp_path / "tv")
+    result = run_main("extract_task_vectors.py", *args, "--output_dir", tmp_path / "tv")
     assert result.returncode == 0, result.stderr
     path = tmp_path / "tv" / "task_vector.safetensors"
     tau = load_file(path)

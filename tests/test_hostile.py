@@ -1,8 +1,17 @@
-"""Hostile inputs, each given to the real script in a subprocess (docs/hostile_inputs.md lists them).
+"""Hostile inputs, each given to a real script (docs/hostile_inputs.md lists them).
 
 Every case must end in exactly one line on stderr naming the file and the problem, exit code 2, no
 traceback, nothing at the output path (no temporary folder either), and every input file byte for byte
-as it was. The cases run concurrently (each is a fresh interpreter); each test checks one of them.
+as it was. Each test checks one case.
+
+Most cases run the script's main in this process, through `common.cli.run` as its `__main__` does
+(`conftest.run_in_process`): the same exit code, stdout and stderr, without a fresh interpreter's imports.
+The disk-full and file-size-limit cases (a small filesystem, a size limit: `wrap`) run `python script.py`
+in a subprocess, a fresh interpreter with its own environment; so do merge's NaN-in-the-base case and
+compare's and analyze's hub ids (`process=True`; HF_HUB_CACHE and HF_HUB_OFFLINE in the environment are
+read when huggingface_hub is imported), so that every script's real `__main__` runs even where the small
+filesystem cannot be made. The subprocesses run concurrently, beside the in-process cases (for which
+huggingface_hub's cache and offline settings are set as the subprocesses' environment sets them).
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, run_main
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -71,6 +80,11 @@ class Case:
     succeeds: bool = False  # warned about, not refused
     wrap: Callable[[list[str], Inputs], list[str]] | None = None  # e.g. run it on a small filesystem
     env: dict = field(default_factory=dict)
+    process: bool = False  # `python script.py` in a subprocess (always with wrap or env), else its main in-process
+
+    @property
+    def in_subprocess(self) -> bool:
+        return self.process or self.wrap is not None or bool(self.env)
 
 
 # --- hostile files -------------------------------------------------------------------------------------
@@ -264,12 +278,14 @@ CASES = [
         COMPARE,
         lambda i: compare(i, adapter="testorg/missing"),
         lambda i: ("adapter testorg/missing", "offline"),
+        process=True,
     ),
     Case(
         "hub-id-offline",
         ANALYZE,
         lambda i: analyze(i, lora_path="testorg/missing"),
         lambda i: ("adapter testorg/missing", "offline"),
+        process=True,
     ),
     # adapters and configs
     Case(
@@ -424,6 +440,7 @@ CASES = [
             "the base tensor holds 2 NaN and 1 Inf values",
             "nothing was written",
         ),
+        process=True,
     ),
     Case(
         "nan-in-adapter",
@@ -534,6 +551,13 @@ CASES = [
 ]
 IDS = [f"{case.script.split('_')[0]}-{case.id}" for case in CASES]
 assert len(set(IDS)) == len(IDS), "two cases of the same script share an id"
+# Each script's `__main__` runs in a subprocess at least once, namespaces or not.
+assert {c.script for c in CASES if c.in_subprocess and c.wrap is not on_small_filesystem} == {
+    MERGE,
+    EXTRACT,
+    COMPARE,
+    ANALYZE,
+}
 
 
 def checksums(paths: list[Path]) -> dict[Path, str]:
@@ -549,11 +573,16 @@ class Outcome:
     after: dict[Path, str]
 
 
-def run_case(case: Case, inputs: Inputs) -> Outcome:
+def prepare(case: Case, inputs: Inputs) -> tuple[list[str], list[Path], dict[Path, str]]:
+    """The hostile input built; the arguments, the input files among them and their checksums."""
     inputs.folder.mkdir()
     args = [str(a) for a in case.build(inputs)]
-    read = [Path(a) for a in args if Path(a).exists() and Path(a) != REPO]
-    before = checksums(read)
+    read = [REPO / a for a in args if (REPO / a).exists() and REPO / a != REPO]  # the scripts run from REPO
+    return args, read, checksums(read)
+
+
+def run_case_in_subprocess(case: Case, inputs: Inputs) -> Outcome:
+    args, read, before = prepare(case, inputs)
     command = [sys.executable, str(REPO / case.script), *args]
     command = case.wrap(command, inputs) if case.wrap else command
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(inputs.folder / "hub_cache"), **case.env}
@@ -561,35 +590,52 @@ def run_case(case: Case, inputs: Inputs) -> Outcome:
     return Outcome(result, inputs, before, checksums(read))
 
 
+def run_case_in_process(case: Case, inputs: Inputs) -> Outcome:
+    """The script's main under `common.cli.run`, here; huggingface_hub pointed at the same (empty) cache and offline,
+    as the subprocess's environment points it."""
+    from huggingface_hub import constants
+
+    args, read, before = prepare(case, inputs)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(inputs.folder / "hub_cache"))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        result = run_main(case.script, *args)
+    return Outcome(result, inputs, before, checksums(read))
+
+
 @pytest.fixture(scope="module")
 def outcomes(request, tiny, pipeline, tmp_path_factory) -> dict[str, Outcome]:
-    """Every selected case, run concurrently (a few at a time) against its own copy of the hostile input."""
-    import compare_lora_task_vector
-
+    """Every selected case against its own copy of the hostile input: the subprocess cases concurrently (a few at a
+    time), the others in this process meanwhile."""
     clean = pipeline("fp32")
     root = tmp_path_factory.mktemp("hostile")
     comparison = root / "comparison"
     args = ["--lora_path", tiny.adapter, "--task_vector_path", clean.task_vector_file, "--output_dir", comparison]
-    assert compare_lora_task_vector.main([*map(str, args), "--device", "cpu"]) == 0
+    result = run_main("compare_lora_task_vector.py", *args, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    lora_deltas = comparison / "lora_deltas.safetensors"
     wanted = {
         item.callspec.id
         for item in request.session.items
         if item.module is request.module and hasattr(item, "callspec") and "case" in item.callspec.params
     }
+    selected = {
+        name: (case, Inputs(tiny.base, tiny.adapter, clean.merged, clean.task_vectors, lora_deltas, root / name))
+        for name, case in zip(IDS, CASES, strict=True)
+        if name in wanted and not (case.wrap is on_small_filesystem and not namespaces_work())
+    }
     jobs = {}
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        for name, case in zip(IDS, CASES, strict=True):
-            if name in wanted and not (case.wrap is on_small_filesystem and not namespaces_work()):
-                inputs = Inputs(
-                    tiny.base,
-                    tiny.adapter,
-                    clean.merged,
-                    clean.task_vectors,
-                    comparison / "lora_deltas.safetensors",
-                    root / name,
-                )
-                jobs[name] = pool.submit(run_case, case, inputs)
-    return {name: job.result() for name, job in jobs.items()}
+        for name, (case, inputs) in selected.items():
+            if case.in_subprocess:
+                jobs[name] = pool.submit(run_case_in_subprocess, case, inputs)
+        # The in-process cases, one after the other in this thread, while the subprocesses run.
+        done = {
+            name: run_case_in_process(case, inputs)
+            for name, (case, inputs) in selected.items()
+            if not case.in_subprocess
+        }
+    return done | {name: job.result() for name, job in jobs.items()}
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)

@@ -1,24 +1,25 @@
 """A run cut short leaves nothing unfinished at the final path: SIGKILL at random points, SIGTERM cleaning up.
 
-The scripts run as subprocesses under an audit hook (`sys.addaudithook`) that numbers their filesystem
-operations on the output (mkdir, open, rename, replace, remove …). A seed picks one; the child announces
-it on stdout just before performing it, and the test sends the real signal there (or a few milliseconds
-later, to land mid-write). Nothing in the scripts is replaced or mocked.
+The scripts run as subprocesses (fresh interpreters: `conftest.FreshPythons`, started ahead with torch imported)
+under an audit hook (`sys.addaudithook`) that numbers their filesystem operations on the output (mkdir, open,
+rename, replace, remove …). A seed picks one; the child announces it on stdout just before performing it, and the
+test sends the real signal there (or a few milliseconds later, to land mid-write). Nothing in the scripts is
+replaced or mocked. While paused the child sleeps in steps of 10 ms (up to 60 s), so that a signal whose Python
+handler runs in the main thread after it arrived in another thread acts at once, not after one long sleep. The
+run after a kill, which only reads what the kill left, runs merge's main in this process.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, run_main
 
 HOOK = r"""
 import os, runpy, sys, time
@@ -35,8 +36,9 @@ def hook(event, args):
             os.write(1, f"\nOPERATION {line}\n".encode())
         if count == stop_at:
             os.write(1, f"\nREACHED {line}\n".encode())
-            if mode == "pause":
-                time.sleep(60)
+            if mode == "pause":  # up to 60 s, in short sleeps: a signal's Python handler runs within 10 ms of it
+                for _ in range(6000):
+                    time.sleep(0.01)
 
 sys.addaudithook(hook)
 sys.argv = [script, *sys.argv[5:]]
@@ -44,12 +46,14 @@ runpy.run_path(script, run_name="__main__")
 """
 
 
-def start(script: str, args: list, area: Path, stop_at: int, mode: str) -> subprocess.Popen:
-    """The script under the hook, announcing its `stop_at`-th operation under `area` ("pause": and waiting there;
-    "list": announcing every operation)."""
-    command = [sys.executable, "-c", HOOK, str(REPO / script), str(area), str(stop_at), mode, *map(str, args)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+# The processes this module asks `fresh_python` for: 2 complete runs, 5 + 1 killed, 3 signalled.
+FRESH_PYTHONS = 11
+
+
+def start(pythons, script: str, args: list, area: Path, stop_at: int, mode: str) -> subprocess.Popen:
+    """The script under the hook, in a fresh interpreter of its own (`python -c HOOK …`), announcing its `stop_at`-th
+    operation under `area` ("pause": and waiting there; "list": announcing every operation)."""
+    return pythons.popen(HOOK, REPO / script, area, stop_at, mode, *args)
 
 
 def wait_for(process: subprocess.Popen, prefix: str) -> str | None:
@@ -93,14 +97,17 @@ def arguments(which: str, tiny, pipeline, out: Path, *extra: str) -> list:
 
 
 @pytest.fixture(scope="module")
-def complete(tiny, pipeline, tmp_path_factory):
+def complete(tiny, pipeline, fresh_python, tmp_path_factory):
     """Per script, an uninterrupted --overwrite run under the hook: its output and its list of operations."""
-    runs = {}
-    for which, (script, _) in SCRIPTS.items():
+    processes = {}
+    for which, (script, _) in SCRIPTS.items():  # both at once
         area = tmp_path_factory.mktemp(f"complete_{which}")
         out = area / "out"
         old_output(which, pipeline, out)
-        process = start(script, arguments(which, tiny, pipeline, out, "--overwrite"), area, 0, "list")
+        args = arguments(which, tiny, pipeline, out, "--overwrite")
+        processes[which] = (start(fresh_python, script, args, area, 0, "list"), out)
+    runs = {}
+    for which, (process, out) in processes.items():
         code, stdout, stderr = finish(process)
         assert code == 0, stderr
         operations = [line.split()[2:] for line in stdout.splitlines() if line.startswith("OPERATION ")]
@@ -115,7 +122,9 @@ def commit_index(operations: list[list[str]]) -> int:
 
 
 @pytest.mark.parametrize(("which", "seed"), [("merge", 0), ("merge", 1), ("merge", 2), ("extract", 3), ("extract", 4)])
-def test_sigkill_at_a_random_point_leaves_the_old_or_the_new_output(tiny, pipeline, complete, tmp_path, which, seed):
+def test_sigkill_at_a_random_point_leaves_the_old_or_the_new_output(
+    tiny, pipeline, complete, fresh_python, tmp_path, which, seed
+):
     rng = random.Random(seed)
     expected, operations = complete[which]
     out = tmp_path / "out"
@@ -123,6 +132,7 @@ def test_sigkill_at_a_random_point_leaves_the_old_or_the_new_output(tiny, pipeli
     stop_at = rng.randint(1, len(operations))
     delay = rng.choice([None, rng.uniform(0, 0.02)])  # None: while paused just before that operation
     process = start(
+        fresh_python,
         SCRIPTS[which][0],
         arguments(which, tiny, pipeline, out, "--overwrite"),
         tmp_path,
@@ -143,19 +153,17 @@ def test_sigkill_at_a_random_point_leaves_the_old_or_the_new_output(tiny, pipeli
     assert all(".partial-" in name or ".replaced-" in name for name in leftovers(out)), where
 
 
-def test_a_run_after_a_kill_names_what_the_kill_left(tiny, pipeline, complete, tmp_path):
+def test_a_run_after_a_kill_names_what_the_kill_left(tiny, pipeline, complete, fresh_python, tmp_path):
     out = tmp_path / "out"
     args = arguments("merge", tiny, pipeline, out)
-    process = start("merge_lora.py", args, tmp_path, 3, "pause")  # parent mkdir, staging mkdir, the first file
+    process = start(fresh_python, "merge_lora.py", args, tmp_path, 3, "pause")  # parent mkdir, staging, first file
     assert wait_for(process, "REACHED 3 open")
     process.send_signal(signal.SIGKILL)
     finish(process)
     left = leftovers(out)
     assert not out.exists() and len(left) == 1 and left[0].startswith(".out.partial-")
 
-    result = subprocess.run(
-        [sys.executable, str(REPO / "merge_lora.py"), *map(str, args)], cwd=REPO, capture_output=True, text=True
-    )
+    result = run_main("merge_lora.py", *args)
     assert result.returncode == 0, result.stderr
     assert f"an interrupted run left {tmp_path / left[0]}" in result.stdout
     assert folder_bytes(out) == complete["merge"][0]
@@ -174,13 +182,13 @@ INTERRUPTED = {
     ids=["merge-SIGTERM", "extract-SIGINT", "extract-SIGHUP"],
 )
 def test_sigterm_ctrl_c_or_sighup_removes_the_unfinished_output(
-    tiny, pipeline, complete, tmp_path, which, seed, signum
+    tiny, pipeline, complete, fresh_python, tmp_path, which, seed, signum
 ):
     out = tmp_path / "out"
     operations = complete[which][1]
     # Once the staging folder exists, up to the swap (during it, SIGTERM waits until the new output is in place).
     stop_at = random.Random(seed).randint(3, commit_index(operations) - 1)
-    process = start(SCRIPTS[which][0], arguments(which, tiny, pipeline, out), tmp_path, stop_at, "pause")
+    process = start(fresh_python, SCRIPTS[which][0], arguments(which, tiny, pipeline, out), tmp_path, stop_at, "pause")
     reached = wait_for(process, "REACHED")
     assert reached and list(tmp_path.glob(".out.partial-*")), reached
     process.send_signal(signum)

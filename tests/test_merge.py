@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import PRECISIONS, assert_user_error, load_weights, peft_merged_state_dict, run_merge, run_script
+from conftest import PRECISIONS, assert_user_error, load_weights, peft_merged_state_dict, run_main, run_merge
 from safetensors.torch import load_file, save_file
 
 from common.adapter import LoraAdapter
@@ -72,35 +72,41 @@ def test_config_records_the_dtype_written(pipeline, precision):
     assert (pipeline(precision).merged / "generation_config.json").is_file()
 
 
-def _peft_adapter(tiny, tmp_path, **config):
+SCALING_VARIANTS = {
+    "rslora": {"r": 4, "lora_alpha": 16, "use_rslora": True, "target_modules": ["q_proj", "v_proj"]},
+    "rank_alpha_patterns_and_mlp": {
+        "r": 8,
+        "lora_alpha": 16,
+        "rank_pattern": {"k_proj": 2, "layers.1.self_attn.q_proj": 6},
+        "alpha_pattern": {"o_proj": 5, "c_fc": 3},
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"],
+    },
+}
+
+
+def _peft_adapter(base, folder, **config):
     """An adapter saved by peft itself, with random (non-zero) B so no training is needed."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(3)
-    model = AutoModelForCausalLM.from_pretrained(tiny.base)
+    model = AutoModelForCausalLM.from_pretrained(base)
     lora = LoraConfig(init_lora_weights=False, task_type="CAUSAL_LM", **config)
-    get_peft_model(model, lora).save_pretrained(tmp_path / "adapter")
-    return tmp_path / "adapter"
+    get_peft_model(model, lora).save_pretrained(folder)
+    return folder
 
 
-@pytest.mark.parametrize(
-    "config",
-    [
-        {"r": 4, "lora_alpha": 16, "use_rslora": True, "target_modules": ["q_proj", "v_proj"]},
-        {
-            "r": 8,
-            "lora_alpha": 16,
-            "rank_pattern": {"k_proj": 2, "layers.1.self_attn.q_proj": 6},
-            "alpha_pattern": {"o_proj": 5, "c_fc": 3},
-            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"],
-        },
-    ],
-    ids=["rslora", "rank_alpha_patterns_and_mlp"],
-)
+@pytest.fixture(scope="module")
+def scaling_adapters(tiny, tmp_path_factory):
+    """Each SCALING_VARIANTS adapter, built once for the three precisions (seeded: the same bits every time)."""
+    root = tmp_path_factory.mktemp("scaling_adapters")
+    return {name: _peft_adapter(tiny.base, root / name, **config) for name, config in SCALING_VARIANTS.items()}
+
+
+@pytest.mark.parametrize("variant", list(SCALING_VARIANTS))
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
-def test_scaling_variants_are_bitwise_peft(tiny, tmp_path, config, precision):
-    adapter = _peft_adapter(tiny, tmp_path, **config)
+def test_scaling_variants_are_bitwise_peft(tiny, scaling_adapters, tmp_path, variant, precision):
+    adapter = scaling_adapters[variant]
     out = tmp_path / "merged"
     run_merge(tiny.base, adapter, out, "--precision", precision)
     assert_bitwise_equal_to_peft(load_weights(out), peft_merged_state_dict(tiny.base, adapter, PRECISIONS[precision]))
@@ -114,7 +120,7 @@ def test_adapter_for_another_model_is_refused(tiny, tmp_path):
     weights[key] = torch.zeros(96, weights[key].shape[1])
     save_file(weights, adapter / "adapter_model.safetensors")
     out = tmp_path / "out"
-    result = run_script("merge_lora.py", "--base_model", tiny.base, "--lora_path", adapter, "--output_dir", out)
+    result = run_main("merge_lora.py", "--base_model", tiny.base, "--lora_path", adapter, "--output_dir", out)
     assert_user_error(result, "does not fit", "q_proj")
     assert not out.exists()
 
@@ -128,7 +134,7 @@ def test_fp16_overflow_fails_and_writes_nothing(tiny, tmp_path):
     save_file(weights, adapter / "adapter_model.safetensors")
     out = tmp_path / "out"
     args = ["--base_model", tiny.base, "--lora_path", adapter, "--output_dir", out, "--precision", "fp16"]
-    result = run_script("merge_lora.py", *args)
+    result = run_main("merge_lora.py", *args)
     assert_user_error(result, "overflow", "layers.1.self_attn.v_proj.weight")
     assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
 
@@ -165,7 +171,7 @@ def test_pickles_are_never_executed(tiny, tmp_path):
     # An adapter_model.bin that is a pickle of code is refused by weights_only, with a plain message.
     (checkpoint / "adapter_model.safetensors").unlink()
     torch.save({"w": _Payload(marker)}, checkpoint / "adapter_model.bin")
-    result = run_script(
+    result = run_main(
         "merge_lora.py", "--base_model", tiny.base, "--lora_path", checkpoint, "--output_dir", tmp_path / "o2"
     )
     assert_user_error(result, "adapter_model.bin", "cannot be read safely")
@@ -178,7 +184,7 @@ def test_quantized_base_is_refused(tiny, tmp_path):
     config = json.loads((base / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     (base / "config.json").write_text(json.dumps(config))
-    result = run_script(
+    result = run_main(
         "merge_lora.py", "--base_model", base, "--lora_path", tiny.adapter, "--output_dir", tmp_path / "o"
     )
     assert_user_error(result, "bitsandbytes-quantized")

@@ -6,18 +6,16 @@ import json
 
 import pytest
 import torch
-from conftest import PRECISIONS, build_peft_adapter, load_weights, peft_merged_state_dict, run_merge, run_script
+from conftest import (
+    PRECISIONS,
+    STARCODER2_VARIANTS,
+    build_peft_adapter,
+    load_weights,
+    peft_merged_state_dict,
+    run_main,
+    run_merge,
+)
 
-STARCODER2_VARIANTS = {
-    "dora": {"r": 4, "target_modules": ["q_proj", "v_proj", "c_fc"], "use_dora": True},
-    "lora_bias": {"r": 4, "target_modules": ["q_proj", "v_proj"], "lora_bias": True},
-    "bias_lora_only": {"r": 4, "target_modules": ["q_proj", "o_proj"], "bias": "lora_only"},
-    "bias_all": {"r": 4, "target_modules": ["q_proj"], "bias": "all"},
-    "modules_to_save_norms": {"r": 4, "target_modules": ["k_proj"], "modules_to_save": ["norm"]},
-    "trainable_tokens": {"r": 4, "target_modules": ["q_proj"], "trainable_token_indices": [3, 7, 100]},
-    "embedding_lora": {"r": 4, "target_modules": ["embed_tokens", "q_proj"]},
-    "modules_to_save_lm_head": {"r": 4, "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]},
-}
 # With tied embeddings, these change the output head and the input embedding differently.
 UNTIED = {"embedding_lora", "modules_to_save_lm_head"}
 GPT2_VARIANTS = {
@@ -31,34 +29,29 @@ def streamed_merge(base, adapter, out, precision):
     return load_weights(out), result.stdout
 
 
-@pytest.fixture(scope="module")
-def starcoder2_adapters(tiny, tmp_path_factory):
-    root = tmp_path_factory.mktemp("variants")
-    return {name: build_peft_adapter(tiny.base, root / name, **config) for name, config in STARCODER2_VARIANTS.items()}
-
-
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("variant", sorted(set(STARCODER2_VARIANTS) - UNTIED))
-def test_variant_is_bitwise_peft(tiny, starcoder2_adapters, tmp_path, variant, precision):
-    adapter = starcoder2_adapters[variant]
+def test_variant_is_bitwise_peft(tiny, variant_adapters, tmp_path, variant, precision):
+    adapter = variant_adapters[variant]
     ours, _ = streamed_merge(tiny.base, adapter, tmp_path / "out", precision)
     reference = peft_merged_state_dict(tiny.base, adapter, PRECISIONS[precision])
     assert set(reference) - set(ours) == {"lm_head.weight"}  # tied: left out by save_pretrained as well
+    base = load_weights(tiny.base)
     changed = 0
     for name, tensor in ours.items():
         assert tensor.dtype == reference[name].dtype, name
         assert torch.equal(tensor, reference[name]), name
-        changed += not torch.equal(tensor.float(), load_weights(tiny.base)[name].to(tensor.dtype).float())
+        changed += not torch.equal(tensor.float(), base[name].to(tensor.dtype).float())
     assert changed > 0
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("variant", sorted(UNTIED))
 def test_tied_head_is_untied_where_the_unmerged_model_keeps_them_apart(
-    tiny, starcoder2_adapters, tmp_path, variant, precision
+    tiny, variant_adapters, tmp_path, variant, precision
 ):
     """Every tensor bitwise peft's except the output head, which keeps what the unmerged model computes with."""
-    adapter = starcoder2_adapters[variant]
+    adapter = variant_adapters[variant]
     ours, stdout = streamed_merge(tiny.base, adapter, tmp_path / "out", precision)
     dtype = PRECISIONS[precision]
     reference = peft_merged_state_dict(tiny.base, adapter, dtype)
@@ -77,12 +70,12 @@ def test_tied_head_is_untied_where_the_unmerged_model_keeps_them_apart(
 
 
 @pytest.mark.parametrize("variant", sorted(STARCODER2_VARIANTS))
-def test_merged_logits_equal_the_unmerged_peft_model(tiny, starcoder2_adapters, tmp_path, variant):
+def test_merged_logits_equal_the_unmerged_peft_model(tiny, variant_adapters, tmp_path, variant):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    streamed_merge(tiny.base, starcoder2_adapters[variant], tmp_path / "out", "fp32")
-    unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny.base), starcoder2_adapters[variant])
+    streamed_merge(tiny.base, variant_adapters[variant], tmp_path / "out", "fp32")
+    unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny.base), variant_adapters[variant])
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     ids = torch.tensor([[1, 3, 7, 100, 42, 5, 9, 300]])
     with torch.no_grad():
@@ -90,9 +83,8 @@ def test_merged_logits_equal_the_unmerged_peft_model(tiny, starcoder2_adapters, 
 
 
 @pytest.fixture(scope="module")
-def gpt2_adapters(tiny_gpt2, tmp_path_factory):
-    root = tmp_path_factory.mktemp("gpt2_variants")
-    return {name: build_peft_adapter(tiny_gpt2, root / name, **config) for name, config in GPT2_VARIANTS.items()}
+def gpt2_adapters(tiny_gpt2, peft_adapters):
+    return {name: peft_adapters(tiny_gpt2, **config) for name, config in GPT2_VARIANTS.items()}
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
@@ -104,11 +96,11 @@ def test_gpt2_conv1d_is_bitwise_peft(tiny_gpt2, gpt2_adapters, tmp_path, variant
         assert torch.equal(tensor, reference[name]), name
 
 
-def test_peft_engine_and_streaming_engine_agree_bitwise(tiny, starcoder2_adapters, tmp_path):
-    adapter = starcoder2_adapters["dora"]
+def test_peft_engine_and_streaming_engine_agree_bitwise(tiny, variant_adapters, tmp_path):
+    adapter = variant_adapters["dora"]
     streamed, _ = streamed_merge(tiny.base, adapter, tmp_path / "stream", "bf16")
     args = ["--base_model", tiny.base, "--lora_path", adapter, "--output_dir", tmp_path / "peft", "--precision", "bf16"]
-    result = run_script("merge_lora.py", *args, "--engine", "peft")
+    result = run_main("merge_lora.py", *args, "--engine", "peft")
     assert result.returncode == 0, result.stderr
     with_peft = load_weights(tmp_path / "peft")
     assert with_peft.keys() == streamed.keys()
@@ -135,7 +127,7 @@ def test_checkpoint_without_the_model_prefix(tiny_gpt2, gpt2_adapters, tmp_path)
     for name, tensor in ours.items():
         assert torch.equal(tensor, reference[f"transformer.{name}"]), name
     args = ["--base_model", bare, "--finetuned_model", tmp_path / "out", "--output_dir", tmp_path / "tv"]
-    assert run_script("extract_task_vectors.py", *args).returncode == 0
+    assert run_main("extract_task_vectors.py", *args).returncode == 0
     args = [
         "--lora_path",
         gpt2_adapters["conv1d"],
@@ -144,9 +136,9 @@ def test_checkpoint_without_the_model_prefix(tiny_gpt2, gpt2_adapters, tmp_path)
         "--output_dir",
         tmp_path / "c",
     ]
-    result = run_script("compare_lora_task_vector.py", *args, "--base_model", bare)
+    result = run_main("compare_lora_task_vector.py", *args, "--base_model", bare)
     assert result.returncode == 1 and "all within fp16 rounding" in result.stdout
-    result = run_script("compare_lora_task_vector.py", *args[:-1], tmp_path / "c2", "--tolerance", "1e-2")
+    result = run_main("compare_lora_task_vector.py", *args[:-1], tmp_path / "c2", "--tolerance", "1e-2")
     assert result.returncode == 0, result.stdout
 
 

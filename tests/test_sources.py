@@ -1,14 +1,21 @@
-"""Hub ids resolved through a local Hugging Face cache (offline), and local paths taken as they are."""
+"""Hub ids resolved through a local Hugging Face cache (offline), and local paths taken as they are.
+
+One merge from hub ids runs as `python merge_lora.py` with HF_HUB_CACHE and HF_HUB_OFFLINE in its environment (read
+when huggingface_hub is imported); the other runs call merge's main in this process, with huggingface_hub's cache
+and offline settings pointed at the same cache (`in_hub`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import assert_user_error, run_script
+from conftest import REPO, assert_user_error, run_main, run_script
 
 from common.errors import UserError
 from common.sources import resolve_adapter, resolve_model
@@ -42,11 +49,30 @@ def hub(tiny, tmp_path_factory):
     return {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
 
 
+@contextlib.contextmanager
+def pointed_at(hub: dict) -> Iterator[dict]:
+    """`hub`'s environment for runs in this process: huggingface_hub read HF_HUB_CACHE and HF_HUB_OFFLINE when it was
+    imported, so its constants are set instead, for the duration."""
+    from huggingface_hub import constants
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", hub["HF_HUB_CACHE"])
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        yield hub
+
+
+@pytest.fixture
+def in_hub(hub):
+    with pointed_at(hub):
+        yield hub
+
+
 @pytest.fixture(scope="module")
 def merged_from_folders(tiny, hub, tmp_path_factory):
     out = tmp_path_factory.mktemp("from_folders") / "merged"
     args = ["--base_model", tiny.base, "--lora_path", tiny.adapter, "--output_dir", out, "--precision", "fp32"]
-    result = run_script("merge_lora.py", *args, env=hub)
+    with pointed_at(hub):
+        result = run_main("merge_lora.py", *args)
     assert result.returncode == 0, result.stderr
     return out
 
@@ -56,11 +82,12 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("adapter_from_hub", [False, True], ids=["base-id", "base-and-adapter-ids"])
-def test_merge_from_hub_ids_equals_merge_from_folders(tiny, hub, merged_from_folders, tmp_path, adapter_from_hub):
+def test_merge_from_hub_ids_equals_merge_from_folders(tiny, in_hub, merged_from_folders, tmp_path, adapter_from_hub):
     out = tmp_path / "merged"
     adapter = ADAPTER_ID if adapter_from_hub else tiny.adapter
     args = ["--base_model", BASE_ID, "--lora_path", adapter, "--output_dir", out, "--precision", "fp32"]
-    result = run_script("merge_lora.py", *args, env=hub)
+    # Both ids: `python merge_lora.py` with the cache in its environment; the base id alone: merge's main in-process.
+    result = run_script("merge_lora.py", *args, env=in_hub) if adapter_from_hub else run_main("merge_lora.py", *args)
     assert result.returncode == 0, result.stderr
     ours, reference = folder_bytes(out), folder_bytes(merged_from_folders)
     assert any(name.endswith(".safetensors") for name in reference)
@@ -70,20 +97,18 @@ def test_merge_from_hub_ids_equals_merge_from_folders(tiny, hub, merged_from_fol
 
 
 @pytest.mark.parametrize("flag", ["--base_model", "--lora_path"])
-def test_hub_id_not_in_the_cache_is_one_line_exit_2(tiny, hub, tmp_path, flag):
+def test_hub_id_not_in_the_cache_is_one_line_exit_2(tiny, in_hub, tmp_path, flag):
     sources = {"--base_model": tiny.base, "--lora_path": tiny.adapter, flag: "testorg/missing"}
-    result = run_script(
-        "merge_lora.py", *(x for item in sources.items() for x in item), "--output_dir", tmp_path / "out", env=hub
-    )
+    result = run_main("merge_lora.py", *(x for item in sources.items() for x in item), "--output_dir", tmp_path / "out")
     assert_user_error(result, "testorg/missing", "not in the Hugging Face cache", "offline")
     assert not (tmp_path / "out").exists()
 
 
-def test_local_path_that_does_not_exist_is_one_line_exit_2(tiny, hub, tmp_path):
+def test_local_path_that_does_not_exist_is_one_line_exit_2(tiny, in_hub, tmp_path):
     missing = "./no/such/folder/"
-    assert not Path(missing).exists()
+    assert not Path(missing).exists() and not (REPO / missing).exists()  # the script runs from the repo root
     args = ["--base_model", missing, "--lora_path", tiny.adapter, "--output_dir", tmp_path / "out"]
-    result = run_script("merge_lora.py", *args, env=hub)
+    result = run_main("merge_lora.py", *args)
     assert_user_error(result, missing, "no such file or folder")
     assert not (tmp_path / "out").exists()
 
