@@ -40,6 +40,7 @@ from common.cli import (
     setup_logging,
     tensor_progress,
 )
+from common.errors import UserError
 from common.export import FOLDER, ExportRequest, LoraExporter, ModuleKinds, recorded_base_dir
 from common.finite import strict_json
 from common.lora import plan_deltas
@@ -162,7 +163,9 @@ def make_exporter(args, task_vector: CheckpointIndex, base_dir: Path | None) -> 
         exclude=args.export_exclude,
         embeddings=args.export_embeddings,
     )
-    kinds = ModuleKinds(recorded_base_dir(base_dir, task_vector.metadata))
+    kinds = ModuleKinds(recorded_base_dir(base_dir, task_vector.metadata), task_vector.metadata.get("model_type"))
+    if kinds.blind_reason():  # no matrix's layer can be told: refused before the analysis, not after
+        raise UserError(f"--export_lora: {kinds.blind_reason()}")
     return LoraExporter(request, kinds, task_vector.shapes())
 
 

@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             "base_dtype": extraction.base_dtype,
             "finetuned_dtype": extraction.finetuned_dtype,
             "compute_dtype": short_name(compute_dtype),
+            **({"model_type": str(configs[0]["model_type"])} if configs[0].get("model_type") else {}),
         }
         writer = ShardedWriter(staging, specs, args.shard_size or 2**63, metadata, stem="task_vector")
         with writer, tensor_progress(sum(s.nbytes for s in specs), "extract", args.verbose, unit="B") as step:

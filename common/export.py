@@ -135,8 +135,10 @@ class ModuleKinds:
     conversion. Without it, from names, except in models with Conv1D layers, which names cannot tell apart.
     """
 
-    def __init__(self, base_dir: Path | None):
+    def __init__(self, base_dir: Path | None, model_type: str | None = None):
+        """`model_type`: the one τ's header records, for when the base's config.json is not at hand."""
         self.config = read_config(base_dir, required=False) if base_dir else {}
+        self.model_type = self.config.get("model_type", model_type)
         self.model_paths: dict[str, str] = {}
         self.kinds: dict[str, str] = {}
         self.tied: tuple[str, str] | None = None  # (output head, input embedding) weights the base ties
@@ -175,16 +177,34 @@ class ModuleKinds:
             self.tied = (f"{paths[id(head)]}.weight", f"{paths[id(embedding)]}.weight")
 
     def kind(self, name: str) -> str | None:
-        """linear / conv1d / embedding / other, or None when it cannot be known."""
+        """linear / conv1d / embedding / other, or None when it cannot be known (`unknown_reason` says why)."""
         if self.kinds:
             return self.kinds.get(name)
-        if self.config.get("model_type") in CONV1D_MODEL_TYPES:
-            return None
         from common.model_layout import EMBEDDING_SUFFIXES
 
-        if name.endswith(EMBEDDING_SUFFIXES):
-            return EMBEDDING
-        return LINEAR if name.endswith(".weight") else None
+        if self.unknown_reason(name):
+            return None
+        return EMBEDDING if name.endswith(EMBEDDING_SUFFIXES) else LINEAR if name.endswith(".weight") else None
+
+    def blind_reason(self) -> str | None:
+        """Why no matrix's layer can be told at all (neither the base's classes nor a model type to go by)."""
+        return None if self.kinds else self.unknown_reason("any_linear.weight")
+
+    def unknown_reason(self, name: str) -> str | None:
+        """Why a tensor's layer cannot be told by its name, without the base model's classes: a model of unknown
+        type may hold Conv1D layers (stored in × out) alike nn.Linear ones by name; an embedding may be tied to the
+        output head (peft merges a LoRA on a tied embedding twice)."""
+        from common.model_layout import EMBEDDING_SUFFIXES
+
+        if self.kinds:
+            return None if name in self.kinds else "not a parameter of the base model's class"
+        if self.model_type is None:
+            return "no config.json of the base model at hand: nn.Linear and Conv1D alike by name (pass --base_model)"
+        if self.model_type in CONV1D_MODEL_TYPES:
+            return f"a {self.model_type} model: Conv1D (in × out) and nn.Linear alike by name (pass --base_model)"
+        if name.endswith(EMBEDDING_SUFFIXES) and self.config.get("tie_word_embeddings", True):
+            return "the output head may be tied to this embedding (pass --base_model)"
+        return None
 
     def model_path(self, name: str) -> str:
         return self.model_paths.get(name, name)
@@ -232,7 +252,7 @@ class LoraExporter:
         if self.kinds.tied and path in self.kinds.tied:
             self._tied(name, module, tau, base, energy)
         elif kind is None:
-            self._skip(name, "its layer's kind is unknown (pass --base_model: a Conv1D model)", energy)
+            self._skip(name, self.kinds.unknown_reason(name) or "its layer's kind is unknown", energy)
         elif kind in (LINEAR, CONV1D) and param == "weight" and tau.dim() == 2:
             self._factor(name, module, kind, tau, lora_delta, decomposition, energy)
         elif kind == EMBEDDING and param == "weight" and tau.dim() == 2:

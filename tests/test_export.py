@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from conftest import assert_user_error, load_weights, run_in_process, run_main, run_merge
 
 import analyze_lora_vs_task_vector_math as analyze
-from common.export import ExportRequest, LoraExporter
+from common.export import ExportRequest, LoraExporter, ModuleKinds
 
 TOKENS = torch.tensor([[1, 17, 200, 33, 41, 99, 7, 300, 5, 2]])
 
@@ -87,7 +88,8 @@ def test_adapter_config_says_scaling_one_on_the_exact_modules(tiny, rank8_fp32):
     factors = load_file(out / "exported_lora" / "adapter_model.safetensors")
     assert len(factors) == 16 and all(f.dtype == torch.float32 for f in factors.values())
     assert factors[f"base_model.model.{modules[0]}.lora_A.weight"].shape[0] == 8
-    assert "Exported τ as a LoRA (exported_lora/, 8 modules), truncated SVD at rank 8" in stdout
+    assert "Exported τ as a peft adapter (exported_lora/: 8 as lora)" in stdout
+    assert "8 matrices as LoRA factors, truncated SVD at rank 8" in stdout
     assert "## Exported LoRA (exported_lora/)" in (out / "report.md").read_text()
 
 
@@ -114,7 +116,9 @@ def test_energy_export_keeps_the_fraction_at_about_the_lora_rank(tiny, pipeline,
         assert 1 <= t["rank"] <= 8 + 2 and t["kept_energy"] >= 0.99, t["name"]
     config = json.loads((out / "exported_lora" / "adapter_config.json").read_text())
     ranks = {t["name"].removesuffix(".weight"): t["rank"] for t in tensors}
-    assert {m: r for m, r in ranks.items() if r != config["r"]} == config["rank_pattern"] == config["alpha_pattern"]
+    # peft searches rank_pattern's keys as regular expressions: each is the module's path, escaped
+    patterns = {re.escape(m): r for m, r in ranks.items() if r != config["r"]}
+    assert patterns == config["rank_pattern"] == config["alpha_pattern"]
     # peft builds each module at its own rank, and merges each to within the reported error of base + τ
     model = exported_model(tiny.base, out / "exported_lora")
     for module, rank in ranks.items():
@@ -141,8 +145,8 @@ def test_rank_k_error_falls_with_k_and_is_the_optimal_tail(pipeline):
     sigma = torch.linalg.svdvals(tau[name].double())
     errors = []
     for k in (1, 2, 4, 8, 16):
-        exporter = LoraExporter(ExportRequest(rank=k), {}, {"model_type": "starcoder2"})
-        exporter.add(name, delta[name], tau[name])
+        exporter = LoraExporter(ExportRequest(rank=k), ModuleKinds(None, "starcoder2"), {name: tuple(tau[name].shape)})
+        exporter.add(name, tau[name], lora_delta=delta[name])
         (t,) = exporter.export.tensors
         assert t.rank == k
         assert abs(t.rel_error - float(sigma[k:].square().sum().sqrt() / sigma.square().sum().sqrt())) < 1e-9
@@ -178,28 +182,72 @@ def variants(tiny, tiny_gpt2, peft_adapters, tmp_path_factory):
 @pytest.mark.parametrize("variant", ["conv1d", "embedding"])
 def test_conv1d_and_embedding_exports_compute_what_the_source_computes(variants, variant):
     base, adapter, tvs, out, report = variants[variant]
-    layouts = {t["layout"] for t in report["export_lora"]["tensors"]}
-    assert layouts == ({"conv1d"} if variant == "conv1d" else {"embedding", "linear"})
+    forms = {t["name"]: (t["form"], t["layout"]) for t in report["export_lora"]["tensors"]}
     config = json.loads((out / "exported_lora" / "adapter_config.json").read_text())
     assert config["fan_in_fan_out"] is (variant == "conv1d")
-    # the merge unties StarCoder2's head from the LoRA'd embedding; its τ is zero, and so not exported
-    assert report["export_lora"]["skipped"] == ({} if variant == "conv1d" else {"lm_head.weight": "τ is zero"})
+    assert report["export_lora"]["skipped"] == {}
+    if variant == "conv1d":
+        assert set(forms.values()) == {("lora", "conv1d")}
+    else:  # StarCoder2 ties its head to the embedding; the merge unties them: both go as copies (peft would merge
+        # an embedding LoRA into the tied weight twice), the head's as the base's, its τ being zero
+        assert forms.pop("model.embed_tokens.weight") == forms.pop("lm_head.weight") == ("copy", "other")
+        assert set(forms.values()) == {("lora", "linear")}
+        assert config["modules_to_save"] == ["model.embed_tokens", "lm_head"] and not config["ensure_weight_tying"]
     exported = exported_model(base, out / "exported_lora")
     torch.testing.assert_close(logits(exported), logits(exported_model(base, adapter)), rtol=0, atol=2e-6)
     merged, weights, tau = exported.merge_and_unload().state_dict(), load_weights(base), load_weights(tvs)
     for t in report["export_lora"]["tensors"]:
         name = t["name"]
-        error = (merged[name].double() - weights[name].double() - tau[name].double()).norm() / tau[name].double().norm()
-        assert error < 1e-6, name
+        before = weights.get(name, weights.get("model.embed_tokens.weight"))  # the tied head: the embedding's weight
+        if t["form"] == "copy":
+            assert torch.equal(merged[name], (before.double() + tau[name].double()).float()), name
+        else:
+            error = (merged[name].double() - before.double() - tau[name].double()).norm() / tau[name].double().norm()
+            assert error < 1e-6, name
 
 
-def test_conv1d_layers_without_the_adapter_are_refused(variants, tmp_path):
+def without_its_base(task_vector, folder, **metadata):
+    """A copy of τ whose header records a base that is not at hand (and `metadata` changed: None removes a key)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(task_vector, "pt") as f:
+        header = f.metadata() | {"base_model": "/nonexistent/base"}
+    header = {k: v for k, v in (header | metadata).items() if v is not None}
+    folder.mkdir()
+    save_file(load_weights(task_vector.parent), folder / "task_vector.safetensors", metadata=header)
+    return folder / "task_vector.safetensors"
+
+
+@pytest.mark.parametrize(
+    "metadata, fragments",
+    [({}, ("a gpt2 model", "Conv1D")), ({"model_type": None}, ("no config.json of the base model", "Conv1D"))],
+    ids=["gpt2", "no-model-type"],
+)
+def test_conv1d_layers_without_the_base_are_refused_before_the_analysis(variants, tmp_path, metadata, fragments):
     _, _, tvs, _, _ = variants["conv1d"]
-    tau = tvs / "task_vector.safetensors"
+    tau = without_its_base(tvs / "task_vector.safetensors", tmp_path / "tv", **metadata)
     args = ["--lora_file", tau, "--task_vector_file", tau, "--output_dir", tmp_path / "o", "--export_lora", 4]
     result = run_main("analyze_lora_vs_task_vector_math.py", *args)
-    assert_user_error(result, "--export_lora", "gpt2", "Conv1D", "--lora_path")
-    assert not (tmp_path / "o").exists()
+    assert_user_error(result, "--export_lora", *fragments, "--base_model")
+    assert not (tmp_path / "o").exists() and "FINDINGS" not in result.stdout
+
+
+def test_names_suffice_where_the_model_type_has_no_conv1d(tiny, pipeline, tmp_path):
+    """τ's header records the model type: a StarCoder2 τ exports without its base, and merges back as base + τ."""
+    tau = without_its_base(pipeline("fp32").task_vector_file, tmp_path / "tv")
+    report = analyze_and_export(
+        tmp_path / "o", "--lora_path", tiny.adapter, "--task_vector_file", tau, "--export_lora", 8
+    )
+    assert len(report["export_lora"]["tensors"]) == 8 and report["export_lora"]["skipped"] == {}
+    merged = exported_model(tiny.base, tmp_path / "o" / "exported_lora").merge_and_unload().state_dict()
+    base, weights = load_weights(tiny.base), load_weights(tau.parent)
+    for t in report["export_lora"]["tensors"]:
+        name = t["name"]
+        error = (merged[name].double() - base[name].double() - weights[name].double()).norm() / weights[
+            name
+        ].double().norm()
+        assert error < 1e-6, name
 
 
 @pytest.mark.parametrize(
