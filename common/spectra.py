@@ -138,15 +138,20 @@ def module_and_layer(name: str) -> tuple[str, int | None]:
     return module, int(layer.group(1)) if layer else None
 
 
-def top_singular(matrix: torch.Tensor, k: int, full: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def top_singular(
+    matrix: torch.Tensor, k: int, full: bool, single: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """The top-k left singular vectors and values of a float64 matrix, and whether they are all of them
     (see `truncated_svd`)."""
-    u, s, _, exact = truncated_svd(matrix, k, full)
+    u, s, _, exact = truncated_svd(matrix, k, full, single)
     return u, s, exact
 
 
-def truncated_svd(matrix: torch.Tensor, k: int, full: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """U, σ and Vᵀ of a float64 matrix's top-k singular triplets, and whether they are all of them.
+def truncated_svd(
+    matrix: torch.Tensor, k: int, full: bool, single: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """U, σ and Vᵀ of a float64 matrix's top-k singular triplets, and whether they are all of them. `single`: the
+    same matrix as stored in float32, when the caller holds it (the range finder's input, not converted again).
 
     Small matrices (or `full`) get an exact SVD, returned whole. Large ones get a randomized SVD: a range
     finder in float32 (k + 10 columns, 6 power iterations, `range_basis`) finds the dominant column space Q,
@@ -157,11 +162,26 @@ def truncated_svd(matrix: torch.Tensor, k: int, full: bool) -> tuple[torch.Tenso
     """
     smallest = min(matrix.shape)
     if full or smallest <= FULL_SVD_MAX or k + OVERSAMPLE >= smallest:
-        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        u, s, vh = thin_svd(matrix)
         return u, s, vh, True
-    basis, _ = torch.linalg.qr(range_basis(matrix, k + OVERSAMPLE, POWER_ITERATIONS).double())
-    u_small, s, vh = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
+    sketched = single if single is not None and single.dtype == torch.float32 else matrix
+    basis, _ = torch.linalg.qr(range_basis(sketched, k + OVERSAMPLE, POWER_ITERATIONS).double())
+    u_small, s, vh = thin_svd(basis.T @ matrix)
     return (basis @ u_small)[:, :k], s[:k], vh[:k], False
+
+
+def thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torch.linalg.svd(matrix, full_matrices=False), through a QR of its long side: M = QR (Mᵀ = QR when wide), then
+    the SVD of the small square R. The same factorization to rounding (Q is orthonormal), in a fraction of the time
+    LAPACK takes on a wide matrix (256 × 3072 in float64: 44 ms against 166 ms)."""
+    rows, cols = matrix.shape
+    if rows < cols:
+        q, r = torch.linalg.qr(matrix.T)  # Mᵀ = Q R = (Q U_R) Σ V_Rᵀ, so M = V_R Σ (Q U_R)ᵀ
+        u_r, s, vh_r = torch.linalg.svd(r)
+        return vh_r.T, s, (q @ u_r).T
+    q, r = torch.linalg.qr(matrix)  # M = Q R = (Q U_R) Σ V_Rᵀ
+    u_r, s, vh_r = torch.linalg.svd(r)
+    return q @ u_r, s, vh_r
 
 
 def range_basis(matrix: torch.Tensor, columns: int, iterations: int) -> torch.Tensor:
@@ -178,12 +198,14 @@ def range_basis(matrix: torch.Tensor, columns: int, iterations: int) -> torch.Te
     return basis
 
 
-def low_rank_spectrum(matrix: torch.Tensor, dtype: torch.dtype, full: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def low_rank_spectrum(
+    matrix: torch.Tensor, dtype: torch.dtype, full: bool, single: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top singular vectors and values of a (numerically) low-rank matrix: enough of them to drop below the
     rank tolerance, starting from 32 and growing 4× while the last one is still above it."""
     k = FIRST_RANK_GUESS
     while True:
-        u, s, exact = top_singular(matrix, min(k, min(matrix.shape)), full)
+        u, s, exact = top_singular(matrix, min(k, min(matrix.shape)), full, single)
         if exact or s[-1] <= rank_tolerance(s[0], tuple(matrix.shape), dtype):
             return u, s
         k *= 4
@@ -205,9 +227,10 @@ def analyze_tensor(
     """
     delta, tau = lora_delta.double(), task_vector.double()
     shape = tuple(delta.shape)
-    u_delta, s_delta = lora_spectrum or low_rank_spectrum(delta, stored_dtype, full_svd)
+    u_delta, s_delta = lora_spectrum or low_rank_spectrum(delta, stored_dtype, full_svd, lora_delta)
     rank = numerical_rank(s_delta, shape, stored_dtype)
-    u_tau, s_tau, vh_tau, tau_exact = truncated_svd(tau, min(max(rank + 1, TOP_SINGULAR_VALUES), min(shape)), full_svd)
+    k_tau = min(max(rank + 1, TOP_SINGULAR_VALUES), min(shape))
+    u_tau, s_tau, vh_tau, tau_exact = truncated_svd(tau, k_tau, full_svd, task_vector)
     rank_tau = numerical_rank(s_tau, shape, stored_dtype)
     metrics = compare_tensor(name, delta, tau)
     energy = metrics.norm_task_vector**2

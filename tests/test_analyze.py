@@ -120,6 +120,26 @@ def test_randomized_svd_matches_the_full_svd_on_the_top_r_values(shape):
     torch.testing.assert_close(fast, exact, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("shape", [(256, 3072), (3072, 256), (42, 500), (64, 64)])
+@pytest.mark.parametrize("rank", [None, 16])
+def test_thin_svd_is_lapacks_svd_through_a_qr(shape, rank):
+    from common.spectra import thin_svd
+
+    torch.manual_seed(2)
+    m, n = shape
+    matrix = torch.randn(m, n, dtype=torch.float64)
+    if rank:  # rank-deficient, as a LoRA update is
+        matrix = torch.randn(m, rank, dtype=torch.float64) @ torch.randn(rank, n, dtype=torch.float64)
+    u, s, vh = thin_svd(matrix)
+    expected = torch.linalg.svdvals(matrix)
+    assert u.shape == (m, min(m, n)) and vh.shape == (min(m, n), n)
+    torch.testing.assert_close(s, expected, rtol=0, atol=1e-13 * float(expected[0]))
+    torch.testing.assert_close(u * s @ vh, matrix, rtol=0, atol=1e-12 * float(expected[0]))
+    eye = torch.eye(min(m, n), dtype=torch.float64)
+    torch.testing.assert_close(u.T @ u, eye, rtol=0, atol=1e-12)
+    torch.testing.assert_close(vh @ vh.T, eye, rtol=0, atol=1e-12)
+
+
 def test_fp16_noise_floor_is_within_a_factor_two_of_the_prediction(analyses):
     report, _, stdout = analyses["fp16"]
     for t in report["tensors"]:
