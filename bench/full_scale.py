@@ -30,6 +30,7 @@ NO_FSYNC = "import os, runpy, sys; os.fsync = lambda fd: None; sys.argv = sys.ar
 
 def timed(*command: object, env: dict[str, str] | None = None, ok: tuple[int, ...] = (0,)) -> dict:
     """Wall seconds, peak RSS (GB) and exit code of one command in its own process."""
+    os.sync()  # the previous step's dirty pages written back first: each step pays for its own writes only
     result = subprocess.run(
         ["/usr/bin/time", "-f", "TIME %e %M", *map(str, command)],
         cwd=REPO,
@@ -69,7 +70,8 @@ def other_steps(base: Path, adapter: Path, work: Path) -> dict[str, Callable[[in
     return {
         "merge_without_fsync": lambda i: timed(py, "-c", NO_FSYNC, "merge_lora.py", "--base_model", base,
                                                "--lora_path", adapter, "--output_dir", fresh(work / "merged_nosync"),
-                                               "--precision", "fp32"),
+                                               "--precision", "fp32")
+                                         | {"removed": fresh(work / "merged_nosync") is not None},
         "compare_without_base": lambda i: timed(py, "compare_lora_task_vector.py", "--lora_path", adapter,
                                                 "--task_vector_path", tv, "--output_dir", fresh(work / "cmp_nobase"),
                                                 "--tolerance", "1e-5"),

@@ -17,7 +17,7 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Self
 
 import torch
 
@@ -335,7 +335,26 @@ def safetensors_header(
     return struct.pack("<Q", len(text)) + text
 
 
-class SafetensorsWriter:
+class ClosedOrAborted:
+    """A writer as a context manager: `close()` when the block ends normally, `abort()` when it raises."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class SafetensorsWriter(ClosedOrAborted):
     """Writes a safetensors file front to back: header first, then each tensor's bytes in order.
 
     Tensors may arrive in row chunks; only the chunk being written is in memory. A tensor just written
@@ -460,15 +479,6 @@ class SafetensorsWriter:
             self._file.close()
         self.partial.unlink(missing_ok=True)
 
-    def __enter__(self) -> SafetensorsWriter:
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
 
 def _kernel_copy(source_fd: int, target_fd: int, offset: int, position: int, nbytes: int) -> int:
     """Bytes copied by `copy_file_range` before it ran out of source or was refused (0: unsupported here)."""
@@ -497,7 +507,7 @@ def iter_row_chunks(shape: tuple[int, ...], dtype: torch.dtype, chunk_bytes: int
         yield start, min(rows, start + step)
 
 
-class ShardedWriter:
+class ShardedWriter(ClosedOrAborted):
     """Writes tensors in declared order across `<stem>-0000i-of-0000N.safetensors` shards plus the index.
 
     With a single shard the file is plain `<stem>.safetensors` and no index is written, as
@@ -558,15 +568,6 @@ class ShardedWriter:
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
-
-    def __enter__(self) -> ShardedWriter:
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def plan_shards(
