@@ -7,8 +7,9 @@ heads, fp32, tied embeddings, biases) and two fine-tunes of it:
 - merged_lora: a rank-16 LoRA on q/k/v/o merged into the base by merge_lora.py --precision fp32.
 Per case it times, round-robin `--repeats` times (alternating which goes first), each command in its own process
 under /usr/bin/time (wall s, user + sys CPU s, peak RSS), and reports medians over the runs that succeeded:
-- ours: extract_task_vectors.py, then analyze_lora_vs_task_vector_math.py --export_lora RANK --skip_plots (walls
-  summed, peak RSS the larger of the two);
+- ours: extract_task_vectors.py, then analyze_lora_vs_task_vector_math.py --export_lora RANK --skip_plots
+  --intruder_k 0 (the export and the τ analysis it comes with, without plots and intruder dimensions; walls summed,
+  peak RSS the larger of the two);
 - theirs: mergekit-extract-lora --max-rank RANK, from its own virtualenv (--mergekit_venv, created when missing
   with torch==2.13.0 then mergekit==0.1.5).
 Then, for each adapter: base + PeftModel.from_pretrained + merge_and_unload against the fine-tune: relative
@@ -147,7 +148,7 @@ def ours(base: Path, ft: Path, out: Path, rank: int) -> dict:
                     "--output_dir", out / "tv", "--device", "cpu")  # fmt: skip
     analyze = timed(py, "analyze_lora_vs_task_vector_math.py", "--task_vector_file", out / "tv/task_vector.safetensors",
                     "--base_model", base, "--output_dir", out / "analysis", "--export_lora", rank, "--skip_plots",
-                    "--device", "cpu")  # fmt: skip
+                    "--intruder_k", 0, "--device", "cpu")  # fmt: skip
     run = {
         "wall_s": round(extract["wall_s"] + analyze["wall_s"], 2),
         "cpu_s": round(extract["cpu_s"] + analyze["cpu_s"], 2),
@@ -289,7 +290,7 @@ def main() -> None:
             "repeats": args.repeats,
             "ranks": RANKS,
             "ours": "extract_task_vectors.py + analyze_lora_vs_task_vector_math.py --export_lora RANK --skip_plots "
-            "--base_model BASE (two processes: walls summed, peak RSS the larger)",
+            "--intruder_k 0 --base_model BASE (two processes: walls summed, peak RSS the larger)",
             "mergekit": "mergekit-extract-lora --model FT --base-model BASE --out-path OUT --max-rank RANK "
             "--device cpu",
             "quality": "base + PeftModel.from_pretrained(adapter).merge_and_unload() (peft, fp32) against the "
