@@ -34,7 +34,15 @@ def norm_distribution_comparison(rows: list[dict], path: Path, title: str) -> No
         ylabel="‖τ − Δ‖ / ‖Δ‖",
         title="Relative error per tensor (red: max |τ − Δ| above tolerance)",
     )
-    fig.suptitle(title)
+    save(fig, path, title)
+
+
+def save(fig, path: Path, title: str | None = None, unused_axes: list | None = None) -> None:
+    """Blank the grid's unused axes, title the figure, save it at 110 dpi and free it."""
+    for ax in unused_axes or []:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -59,16 +67,11 @@ def singular_value_spectra(spectra: list, path: Path) -> None:
             if s.predicted_noise_floor > floor:
                 ax.axhline(s.predicted_noise_floor, color="tab:gray", ls=":", lw=1)
         ax.set(title=module, xlabel="index i", ylabel="σᵢ")
-    for ax in list(axes.flat)[len(modules) :]:
-        ax.axis("off")
     axes.flat[0].plot([], [], "-", color="tab:blue", label="Δ (LoRA delta)")
     axes.flat[0].plot([], [], "--", color="tab:orange", label="τ (task vector)")
     axes.flat[0].plot([], [], ":", color="tab:gray", label="predicted noise floor")
     axes.flat[0].legend(loc="lower left", fontsize=8)
-    fig.suptitle("Singular value spectra, one curve per layer")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, "Singular value spectra, one curve per layer", list(axes.flat)[len(modules) :])
 
 
 def task_vector_spectra(spectra: list, path: Path) -> None:
@@ -85,14 +88,10 @@ def task_vector_spectra(spectra: list, path: Path) -> None:
             if s.energy_rank_90 is not None and s.energy_rank_90 <= len(relative):
                 ax.plot(s.energy_rank_90, relative[s.energy_rank_90 - 1], "o", color=line.get_color(), ms=4)
         ax.set(title=module, xlabel="index i", ylabel="σᵢ / σ₁")
-    for ax in list(axes.flat)[len(modules) :]:
-        ax.axis("off")
     axes.flat[0].plot([], [], "o", color="tab:gray", label="90% of ‖τ‖² reached")
     axes.flat[0].legend(loc="upper right", fontsize=8)
-    fig.suptitle("Singular value spectra of τ, one curve per layer (the first values computed)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    title = "Singular value spectra of τ, one curve per layer (the first values computed)"
+    save(fig, path, title, list(axes.flat)[len(modules) :])
 
 
 def layer_module_heatmap(values: dict[str, float], title: str, path: Path, log10: bool = True) -> None:
@@ -114,9 +113,7 @@ def layer_module_heatmap(values: dict[str, float], title: str, path: Path, log10
     ax.set_yticks(range(len(layers)), ["other" if layer < 0 else str(layer) for layer in layers])
     ax.set(xlabel="module", ylabel="layer", title=f"log10 {title}" if log10 else title)
     fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def analysis_plots(analysis, folder: Path) -> list[str]:
@@ -171,9 +168,7 @@ def residual_ulp_histogram(samples: list, dtype, path: Path) -> None:
     ax.set(xlabel=f"(τ − Δ) / ulp of {name} at the merged weight", ylabel="elements", title="Residual in ulps")
     for edge in (-1, 1):
         ax.axvline(edge, color="k", ls="--", lw=1)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def comparison_plots(rows: list[dict], ulp_samples: list, merge_dtype, folder: Path) -> list[str]:
