@@ -151,7 +151,13 @@ def test_analyze_skips_vectors_and_uses_the_extraction_stats(tiny, adapters, tmp
     assert code == 0
     args = ["--lora_file", tmp_path / "cmp" / "lora_deltas.safetensors", "--task_vector_file", tmp_path / "tv"]
     result = run_main(
-        "analyze_lora_vs_task_vector_math.py", *args, "--output_dir", tmp_path / "analysis", "--device", "cpu"
+        "analyze_lora_vs_task_vector_math.py",
+        *args,
+        "--output_dir",
+        tmp_path / "analysis",
+        "--device",
+        "cpu",
+        "--skip_plots",
     )
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "analysis" / "analysis.json").read_text())["summary"]

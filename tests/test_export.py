@@ -34,8 +34,10 @@ def logits(model) -> torch.Tensor:
 
 
 def analyze_and_export(out, *args) -> dict:
-    """analyze's main in-process (the scripts' imports are already paid for), analysis.json back."""
-    result = run_main("analyze_lora_vs_task_vector_math.py", *args, "--output_dir", out, "--device", "cpu")
+    """analyze's main in-process (the scripts' imports are already paid for), without plots; analysis.json back."""
+    result = run_main(
+        "analyze_lora_vs_task_vector_math.py", *args, "--output_dir", out, "--device", "cpu", "--skip_plots"
+    )
     assert result.returncode == 0, result.stderr
     return json.loads((out / "analysis.json").read_text())
 
@@ -45,7 +47,9 @@ def rank8_fp32(tiny, pipeline, tmp_path_factory):
     """A rank-8 export of the fp32 task vector, Δ from the adapter, run as a user runs it (its main, in-process)."""
     out = tmp_path_factory.mktemp("export_fp32") / "out"
     args = ["--lora_path", tiny.adapter, "--task_vector_file", pipeline("fp32").task_vector_file]
-    result = run_main("analyze_lora_vs_task_vector_math.py", *args, "--output_dir", out, "--export_lora", 8)
+    result = run_main(
+        "analyze_lora_vs_task_vector_math.py", *args, "--output_dir", out, "--export_lora", 8, "--skip_plots"
+    )
     assert result.returncode == 0, result.stderr
     return json.loads((out / "analysis.json").read_text()), out, result.stdout
 
