@@ -44,6 +44,13 @@ def timed(*command: object, env: dict[str, str] | None = None, ok: tuple[int, ..
     return {"wall_s": float(wall), "peak_rss_gb": round(int(rss_kb) / 1024**2, 3), "exit_code": result.returncode}
 
 
+def removed_after(output: Path, *command: object) -> dict:
+    """`timed(*command, output)` into a fresh `output`, deleted afterwards (one more 12 GB copy is not kept)."""
+    result = timed(*command, fresh(output))
+    fresh(output)
+    return result
+
+
 def readme_steps(base: Path, adapter: Path, work: Path) -> dict[str, Callable[[int], dict]]:
     """The README's four commands, in its order and with its flags."""
     py, merged, tv = sys.executable, work / "merged_model_fp32", work / "task_vectors_fp32"
@@ -68,10 +75,9 @@ def other_steps(base: Path, adapter: Path, work: Path) -> dict[str, Callable[[in
     py, tv = sys.executable, work / "task_vectors_fp32" / "task_vector.safetensors"
     analyze = [py, "analyze_lora_vs_task_vector_math.py", "--task_vector_file", tv]
     return {
-        "merge_without_fsync": lambda i: timed(py, "-c", NO_FSYNC, "merge_lora.py", "--base_model", base,
-                                               "--lora_path", adapter, "--output_dir", fresh(work / "merged_nosync"),
-                                               "--precision", "fp32")
-                                         | {"removed": fresh(work / "merged_nosync") is not None},
+        "merge_without_fsync": lambda i: removed_after(work / "merged_nosync", py, "-c", NO_FSYNC, "merge_lora.py",
+                                                       "--base_model", base, "--lora_path", adapter,
+                                                       "--precision", "fp32", "--output_dir"),
         "compare_without_base": lambda i: timed(py, "compare_lora_task_vector.py", "--lora_path", adapter,
                                                 "--task_vector_path", tv, "--output_dir", fresh(work / "cmp_nobase"),
                                                 "--tolerance", "1e-5"),
