@@ -135,14 +135,29 @@ def rounding_bound(
     rounds once stays within ½ ulp of the merged weight. A merge that rounds one more intermediate to `dtype`
     (`rounded_at_dtype`, its magnitude: the PiSSA / OLoRA residual) adds ½ ulp of it.
     """
-    w, delta = base.double(), lora_delta.double()
-    merged = (w.abs() + delta.abs()).clamp_min(w.abs())
+    w_abs, delta_abs = base.double().abs(), lora_delta.double().abs()
+    merged = (w_abs + delta_abs).clamp_min(w_abs)
+    return bound_at(w_abs, delta_abs, merged, ulp(merged, dtype), dtype, rank, product_magnitude, rounded_at_dtype)
+
+
+def bound_at(
+    w_abs: torch.Tensor,
+    delta_abs: torch.Tensor,
+    merged: torch.Tensor,
+    merged_ulp: torch.Tensor,
+    dtype: torch.dtype,
+    rank: int,
+    product_magnitude: torch.Tensor | None,
+    rounded_at_dtype: torch.Tensor | None,
+) -> torch.Tensor:
+    """rounding_bound's formula from |W|, |Δ|, the merged magnitude and its ulp at `dtype` (float64), for callers
+    that already hold them (rounding_residual, chunk by chunk)."""
     magnitude = merged if product_magnitude is None else torch.maximum(merged, product_magnitude.double())
     fp32_slack = (rank + 2) * ulp(magnitude, torch.float32)
     extra = 0.0 if rounded_at_dtype is None else 0.5 * ulp(rounded_at_dtype.double(), dtype)
     if dtype == torch.float32:
-        return 0.5 * ulp(merged, dtype) + fp32_slack + extra
-    return 0.5 * ulp(w, dtype) + 0.5 * ulp(merged, dtype) + 0.5 * ulp(delta.abs(), dtype) + fp32_slack + extra
+        return 0.5 * merged_ulp + fp32_slack + extra
+    return 0.5 * ulp(w_abs, dtype) + 0.5 * merged_ulp + 0.5 * ulp(delta_abs, dtype) + fp32_slack + extra
 
 
 @dataclass
@@ -187,12 +202,8 @@ def rounding_residual(
         square_sum = square_sum + torch.dot(ulps, ulps)
         samples.append(ulps[-start % step :: step].float())
         if magnitude is not None:
-            fp32_slack = (rank + 2) * ulp(torch.maximum(merged, magnitude[part].double()), torch.float32)
-            extra = 0.0 if rounded is None else 0.5 * ulp(rounded[part].double(), dtype)
-            if dtype == torch.float32:
-                bound = 0.5 * merged_ulp + fp32_slack + extra
-            else:
-                bound = 0.5 * ulp(w_abs, dtype) + 0.5 * merged_ulp + 0.5 * ulp(delta_abs, dtype) + fp32_slack + extra
+            extra = None if rounded is None else rounded[part]
+            bound = bound_at(w_abs, delta_abs, merged, merged_ulp, dtype, rank, magnitude[part], extra)
             beyond = beyond + (diff.abs() > bound).sum()
     return RoundingResidual(
         max_ulps=float(worst),
