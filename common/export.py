@@ -40,7 +40,7 @@ import torch
 from common.adapter import PREFIX
 from common.errors import UserError
 from common.model_layout import read_config
-from common.safetensors_io import SafetensorsWriter, TensorSpec
+from common.safetensors_io import CheckpointIndex, SafetensorsWriter, TensorSpec
 from common.spectra import Decomposition, energy_rank, truncated_svd
 
 log = logging.getLogger("lora_tv")
@@ -49,6 +49,18 @@ LINEAR, CONV1D, EMBEDDING, OTHER = "linear", "conv1d", "embedding", "other"
 # transformers models built on transformers.pytorch_utils.Conv1D (weights stored in × out) next to nn.Linear
 # layers (their lm_head): which of their tensors is which cannot be read off a name.
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"})
+# Decoder-only models whose classes hold nothing but nn.Linear layers, the nn.Embedding `model.embed_tokens` and
+# norms: in their checkpoints a 2-D weight is an nn.Linear's unless it is the embedding, and a bias belongs to the
+# layer of its weight. Their kinds are read off the names, without importing transformers' modeling code (about 4 s);
+# tests/test_export_kinds.py checks every type here against its class.
+PLAIN_DECODERS = frozenset({
+    "llama", "mistral", "ministral", "qwen2", "qwen3", "starcoder2", "gemma", "gemma2", "gemma3_text", "phi", "phi3",
+    "olmo", "olmo2", "granite", "cohere", "stablelm", "helium", "nemotron", "seed_oss", "arcee", "smollm3",
+})  # fmt: skip
+PLAIN_DECODER_TENSOR = re.compile(
+    r"(?:model\.(?:embed_tokens|norm|final_layernorm|layers\.\d+\.[\w.]+)|lm_head)\.(?:weight|bias)"
+)
+PLAIN_EMBEDDING, PLAIN_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 BLOCK_BYTES = 32 * 1024 * 1024  # rows of τ − BA formed at a time to measure its norm
 DEFAULT_MAX_RANK = 256  # the cap of `auto` and `energy` ranks unless --max_rank says otherwise
 
@@ -130,20 +142,45 @@ def recorded_base_dir(base_dir: Path | None, metadata: dict[str, str]) -> Path |
 class ModuleKinds:
     """Which kind of module a tensor of τ belongs to, and the module's path in the model peft wraps.
 
-    From the base model's class (on the meta device) when its config.json is at hand: nn.Linear, transformers'
-    Conv1D, nn.Embedding, or anything else; the checkpoint's names are mapped to the model's by transformers' own
-    conversion. Without it, from names, except in models with Conv1D layers, which names cannot tell apart.
+    When the base's config.json is at hand: for a plain decoder (PLAIN_DECODERS) whose checkpoint is named as one,
+    from its names; else from the base model's class (on the meta device): nn.Linear, transformers' Conv1D,
+    nn.Embedding, or anything else, the checkpoint's names mapped to the model's by transformers' own conversion.
+    Without it, from names, except in models with Conv1D layers, which names cannot tell apart.
     """
 
-    def __init__(self, base_dir: Path | None, model_type: str | None = None):
-        """`model_type`: the one τ's header records, for when the base's config.json is not at hand."""
+    def __init__(self, base_dir: Path | None, model_type: str | None = None, from_class: bool = False):
+        """`model_type`: the one τ's header records, for when the base's config.json is not at hand; `from_class`:
+        read the class even of a plain decoder."""
         self.config = read_config(base_dir, required=False) if base_dir else {}
         self.model_type = self.config.get("model_type", model_type)
         self.model_paths: dict[str, str] = {}
         self.kinds: dict[str, str] = {}
         self.tied: tuple[str, str] | None = None  # (output head, input embedding) weights the base ties
-        if self.config:
+        self.read_from = "names"  # or "class": where `kinds` came from
+        if self.config and (from_class or not self._read_plain_decoder(base_dir)):
+            self.read_from = "class"
             self._read_model(base_dir)
+
+    def _read_plain_decoder(self, base_dir: Path) -> bool:
+        """The kinds of a plain decoder's tensors, read off the checkpoint's names and shapes; False (nothing read)
+        when the model is not one: another model type or head, or a tensor not named as a plain decoder's."""
+        architecture = (self.config.get("architectures") or ["ForCausalLM"])[0]
+        if self.model_type not in PLAIN_DECODERS or not str(architecture).endswith("ForCausalLM"):
+            return False
+        with CheckpointIndex(base_dir) as checkpoint:
+            shapes = checkpoint.shapes()
+        if not all(PLAIN_DECODER_TENSOR.fullmatch(name) for name in shapes) or PLAIN_EMBEDDING not in shapes:
+            return False
+        shapes.setdefault(PLAIN_HEAD, shapes[PLAIN_EMBEDDING])  # a tied head is not saved, but is a parameter
+        for name in shapes:
+            module = name.rpartition(".")[0]
+            layer_weight = shapes.get(f"{module}.weight", ())
+            matrix = len(layer_weight) == 2
+            self.kinds[name] = EMBEDDING if module == "model.embed_tokens" else LINEAR if matrix else OTHER
+            self.model_paths[name] = name
+        if self.config.get("tie_word_embeddings", True):
+            self.tied = (PLAIN_HEAD, PLAIN_EMBEDDING)
+        return True
 
     def _read_model(self, base_dir: Path) -> None:
         from transformers.pytorch_utils import Conv1D
@@ -197,7 +234,7 @@ class ModuleKinds:
         from common.model_layout import EMBEDDING_SUFFIXES
 
         if self.kinds:
-            return None if name in self.kinds else "not a parameter of the base model's class"
+            return None if name in self.kinds else "not a parameter of the base model"
         if self.model_type is None:
             return "no config.json of the base model at hand: nn.Linear and Conv1D alike by name (pass --base_model)"
         if self.model_type in CONV1D_MODEL_TYPES:
