@@ -412,16 +412,16 @@ def top_triplets(
     analysis's decomposition of τ when it holds enough triplets; whether the SVD was exact; the threshold."""
     energy = float(matrix.square().sum())
     smallest = min(matrix.shape)
-    dec = decomposition if decomposition is not None and layout == LINEAR else None
+    dec = decomposition if decomposition is None or layout == LINEAR else decomposition.transposed()
     k = min(request.rank or 32, smallest)
     while True:
         if dec is None or (len(dec.s) < k and not dec.exact):
-            u, s, vh, exact = truncated_svd(matrix, k, request.full_svd)
-            dec = Decomposition(u, s, vh, exact, energy)
+            u, s, vh, exact = truncated_svd(matrix, k, request.full_svd, gram=True)
+            dec = Decomposition(u, s, vh, exact, energy, matrix)
         kept, threshold = _rank(dec, request, matrix.shape)
         if kept is not None or dec.exact or len(dec.s) >= min(request.cap, smallest):
             kept = min(kept if kept is not None else len(dec.s), request.cap, len(dec.s))
-            return dec.u[:, :kept], dec.s[:kept], dec.vh[:kept], dec.exact, threshold
+            return *dec.top(kept), dec.exact, threshold
         k = min(4 * max(k, len(dec.s)), smallest)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -138,6 +139,36 @@ def test_thin_svd_is_lapacks_svd_through_a_qr(shape, rank):
     eye = torch.eye(min(m, n), dtype=torch.float64)
     torch.testing.assert_close(u.T @ u, eye, rtol=0, atol=1e-12)
     torch.testing.assert_close(vh @ vh.T, eye, rtol=0, atol=1e-12)
+
+
+def spectrum_down_to(smallest: float, m: int, n: int) -> torch.Tensor:
+    """An m × n float64 matrix with singular values spread geometrically from 1 down to `smallest`."""
+    left, _ = torch.linalg.qr(torch.randn(m, min(m, n), dtype=torch.float64))
+    right, _ = torch.linalg.qr(torch.randn(n, min(m, n), dtype=torch.float64))
+    return left * torch.logspace(0, math.log10(smallest), min(m, n), dtype=torch.float64) @ right.T
+
+
+@pytest.mark.parametrize("shape", [(512, 128), (128, 512), (200, 200)])
+def test_gram_svd_gives_every_singular_value_to_1e_6_or_hands_over_to_the_qr(shape):
+    from common.spectra import GRAM_MIN_RATIO, Decomposition, gram_svd
+
+    torch.manual_seed(3)
+    matrix = spectrum_down_to(1.5 * GRAM_MIN_RATIO, *shape)
+    u, s, vh = gram_svd(matrix)
+    assert (u is None) == (shape[0] >= shape[1]) and (vh is None) == (shape[0] < shape[1])  # the long side: later
+    expected = torch.linalg.svdvals(matrix)
+    torch.testing.assert_close(s, expected, rtol=1.1e-6, atol=0)
+    dec = Decomposition(u, s, vh, True, float(matrix.square().sum()), matrix)
+    for k in (1, 7, min(shape)):
+        u_k, s_k, vh_k = dec.top(k)
+        short = vh_k.T if shape[0] >= shape[1] else u_k  # the eigenvectors: orthonormal, so U_k Σ_k V_kᵀ projects
+        torch.testing.assert_close(short.T @ short, torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-12)
+        residual = float((matrix - u_k * s_k @ vh_k).square().sum())  # Eckart–Young: what the top k leave
+        assert residual == pytest.approx(float(expected[k:].square().sum()), rel=1e-6, abs=1e-13)
+        transposed = dec.transposed().top(k)
+        torch.testing.assert_close(transposed[0] * transposed[1] @ transposed[2], (u_k * s_k @ vh_k).T)
+    assert gram_svd(spectrum_down_to(0.5 * GRAM_MIN_RATIO, *shape)) is None  # not to 1e-6 that way
+    assert gram_svd(torch.zeros(shape, dtype=torch.float64)) is None
 
 
 def test_fp16_noise_floor_is_within_a_factor_two_of_the_prediction(analyses):
