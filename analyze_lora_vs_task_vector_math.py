@@ -8,7 +8,12 @@
 the merge precision. Writes analysis.json, report.md and the plots (singular value spectra; layer × module
 maps of the relative error, ‖Δ‖ and the subspace angle; with a base, the residual histogram in ulps).
 --export_lora RANK (or --export_lora_energy FRACTION) also writes τ's analysed tensors as a peft adapter,
-by truncated SVD, into exported_lora/, with each tensor's reconstruction error in analysis.json.
+by truncated SVD, into exported_lora/, with each tensor's reconstruction error in analysis.json. τ comes from
+--task_vector_file or, with --finetuned_model and --base_model, is computed as extract would (no τ file): one
+command from a full fine-tune to an adapter.
+
+    python analyze_lora_vs_task_vector_math.py --base_model bigcode/starcoder2-3b \
+        --finetuned_model my_full_finetune/ --export_lora 64 --skip_plots --intruder_k 0 --output_dir exported/
 
 Where the maths lives: common/spectra.py (ranks, SVDs, angles), common/metrics.py (residuals, the rounding bound),
 common/export.py (the LoRA export), common/analysis_report.py (the findings); docs/maths.md, docs/reports.md.
@@ -50,6 +55,7 @@ from common.precision import dtype_from_name
 from common.safetensors_io import CheckpointIndex
 from common.sources import resolve_adapter, resolve_model
 from common.task_vector import stats_beside
+from common.task_vector_of_models import TaskVectorOfModels
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--lora_path", default=None, help="or the adapter (folder or hub id): Δ exact, SVD from its factors"
     )
+    parser.add_argument("--task_vector_file", type=Path, default=None, help="task_vector.safetensors from step 2")
     parser.add_argument(
-        "--task_vector_file", type=Path, default=None, help="task_vector.safetensors from step 2 (required)"
+        "--finetuned_model", default=None, help="or the finetuned model, with --base_model: τ computed, not read"
     )
     parser.add_argument("--base_model", default=None, help="base model (hub id or folder): residual in ulps")
     parser.add_argument("--output_dir", type=Path, default=Path("mathematical_analysis"), help="report folder")
@@ -78,20 +85,31 @@ def main(argv: list[str] | None = None) -> int:
     add_residual_base(parser)
     add_overwrite(parser)
     args = parse_with_config(parser, argv)
-    require(args, "task_vector_file")
+    at_most_one(args, "task_vector_file", "finetuned_model", required=True)
+    if args.finetuned_model:
+        require(args, "base_model")
     at_most_one(args, "lora_file", "lora_path")
     at_most_one(args, "export_lora", "export_lora_energy")
     setup_logging(args.verbose)
 
     device = resolve_device(args.device)
     base_dir = resolve_model(args.base_model, "base model") if args.base_model else None
+    finetuned_dir = resolve_model(args.finetuned_model, "finetuned model") if args.finetuned_model else None
     adapter = LoraAdapter(resolve_adapter(args.lora_path), base_dir, args.residual_base) if args.lora_path else None
     lora = adapter.folder if adapter else args.lora_file
-    inputs = [args.task_vector_file] + ([lora] if lora else []) + ([base_dir] if base_dir else [])
+    inputs = [args.task_vector_file or finetuned_dir] + ([lora] if lora else []) + ([base_dir] if base_dir else [])
     check_output_dir(args.output_dir, inputs, args.overwrite)
     with contextlib.ExitStack() as stack:
-        task_vector = stack.enter_context(CheckpointIndex(args.task_vector_file))
         base = stack.enter_context(CheckpointIndex(base_dir)) if base_dir else None
+        if finetuned_dir is not None:
+            finetuned = stack.enter_context(CheckpointIndex(finetuned_dir))
+            task_vector = TaskVectorOfModels(base, finetuned, base_dir, finetuned_dir)
+            known = task_vector.statuses
+            for line in task_vector.extraction.left_out_lines():
+                log.info(line)
+        else:
+            task_vector = stack.enter_context(CheckpointIndex(args.task_vector_file))
+            known = stats_beside(args.task_vector_file).status
         deltas, count = None, len(task_vector)
         if adapter is not None:
             stack.callback(adapter.close)
@@ -105,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
         exporter = make_exporter(args, task_vector, base_dir)
         staging = stack.enter_context(staged_output_dir(args.output_dir))
         with tensor_progress(count, "analyze", args.verbose) as step:
-            known = stats_beside(args.task_vector_file).status
             intruders = (args.intruder_k, args.intruder_epsilon)
             analysis = analyze_files(deltas, task_vector, device, step, args.full_svd, known, exporter, base, intruders)
         analysis.lora_source = "lora_path" if adapter else "lora_file" if args.lora_file else None
@@ -150,7 +167,9 @@ def add_export_flags(parser) -> None:
     )
 
 
-def make_exporter(args, task_vector: CheckpointIndex, base_dir: Path | None) -> LoraExporter | None:
+def make_exporter(
+    args, task_vector: CheckpointIndex | TaskVectorOfModels, base_dir: Path | None
+) -> LoraExporter | None:
     if not (args.export_lora or args.export_lora_energy):
         return None
     request = ExportRequest(

@@ -101,12 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         non_finite = non_finite_task_vector_warnings(base, finetuned, pairs, extraction)
 
     log.info(extraction.summary_line())
-    for reason, names in extraction.left_out().items():
-        if names:
-            listing = ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
-            log.info(f"{len(names)} tensors {reason}, not in the task vector: {listing}")
-    for line in extraction.tied:
-        log.info(f"tied weights: {line}")
+    for line in extraction.left_out_lines():
+        log.info(line)
     skipped = sum(t.skipped for t in extraction.tensors)
     if skipped:
         log.info(f"{skipped} unchanged tensors left out of the file (--skip_unchanged)")

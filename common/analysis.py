@@ -4,7 +4,7 @@ handed to the LoRA export while it is in memory."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -93,7 +93,7 @@ def analyze_files(
     device: torch.device,
     on_tensor: Callable[[str], None] = lambda line: None,
     full_svd: bool = False,
-    known_status: dict[str, str] | None = None,
+    known_status: Mapping[str, str] | None = None,
     exporter: LoraExporter | None = None,
     base: CheckpointIndex | None = None,
     intruders: tuple[int, float] = (TOP_K, EPSILON),
@@ -156,7 +156,7 @@ def analyze_other(
     task_vector: CheckpointIndex,
     device: torch.device,
     full_svd: bool,
-    known_status: dict[str, str] | None,
+    known_status: Mapping[str, str] | None,
     exporter: LoraExporter | None,
     base: CheckpointIndex | None,
     on_tensor: Callable[[str], None],

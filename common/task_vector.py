@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -65,7 +65,7 @@ def stored_status(
     tau_file: CheckpointIndex,
     base: CheckpointIndex | None,
     merge_dtype: torch.dtype | None,
-    known: dict[str, str] | None,
+    known: Mapping[str, str] | None,
 ) -> TauStatus:
     """The status of a tensor of a τ file: the extraction's own (`known`, from task_vector_stats.json) when there
     is one, else read off τ; telling a rounding artifact from a change then needs the base and the merge dtype."""
@@ -147,6 +147,15 @@ class Extraction:
             "with different shapes": self.shape_mismatch,
             "not floating point": self.non_float,
         }
+
+    def left_out_lines(self) -> list[str]:
+        """A line per reason tensors are not in the task vector (the first names of each), and per tied head."""
+        lines = []
+        for reason, names in self.left_out().items():
+            if names:
+                listing = ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+                lines.append(f"{len(names)} tensors {reason}, not in the task vector: {listing}")
+        return lines + [f"tied weights: {line}" for line in self.tied]
 
 
 def check_same_architecture(base_config: dict, finetuned_config: dict) -> None:

@@ -158,3 +158,38 @@ def test_tau_alone_reports_the_rank_profile(full_finetune, tmp_path):
     assert all(m["energy_rank_99"] <= PLANTED_RANK + 1 for m in attention)  # the planted rank holds the energy
     assert (tmp_path / "a" / "task_vector_spectra.png").is_file()
     assert (tmp_path / "a" / "energy_rank_heatmap.png").is_file()
+
+
+def test_one_step_from_the_two_models_writes_what_the_two_steps_write(full_finetune, tmp_path):
+    """--finetuned_model: τ computed tensor by tensor in the analysis, the same fp32 τ and statuses as extract's
+    file: the same analysis.json (its timings aside) and the same adapter, byte for byte."""
+    base, finetuned, tau = full_finetune
+    flags = ("--base_model", base, "--export_lora", PLANTED_RANK, "--intruder_k", 2)
+    two_steps = export(tau, tmp_path / "a", *flags)
+    args = ["--finetuned_model", finetuned, "--output_dir", tmp_path / "b", "--device", "cpu", "--skip_plots", *flags]
+    assert analyze.main([str(a) for a in args]) == 0
+    one_step = json.loads((tmp_path / "b" / "analysis.json").read_text())
+    for report in (two_steps, one_step):
+        report["export_lora"].pop("seconds")
+    assert one_step == two_steps and one_step["export_lora"]["tensors"]
+    adapter = "exported_lora/adapter_model.safetensors"
+    assert (tmp_path / "a" / adapter).read_bytes() == (tmp_path / "b" / adapter).read_bytes()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (("--finetuned_model", "FT"), "missing --base_model"),
+        (("--finetuned_model", "FT", "--task_vector_file", "TV"), "--task_vector_file and --finetuned_model exclude"),
+        ((), "missing --task_vector_file or --finetuned_model"),
+    ],
+)
+def test_the_task_vector_comes_from_a_file_or_from_both_models(full_finetune, tmp_path, flags, message):
+    from conftest import assert_user_error, run_main
+
+    _, finetuned, tau = full_finetune
+    named = {"FT": finetuned, "TV": tau}
+    args = [named.get(flag, flag) for flag in flags]
+    result = run_main("analyze_lora_vs_task_vector_math.py", *args, "--output_dir", tmp_path / "o")
+    assert_user_error(result, message)
+    assert not (tmp_path / "o").exists()
