@@ -7,8 +7,10 @@ heads, fp32, tied embeddings, biases) and two fine-tunes of it:
 - merged_lora: a rank-16 LoRA on q/k/v/o merged into the base by merge_lora.py --precision fp32.
 Per case it times, round-robin `--repeats` times (alternating which goes first), each command in its own process
 under /usr/bin/time (wall s, user + sys CPU s, peak RSS), and reports medians over the runs that succeeded:
-- ours: extract_task_vectors.py, then analyze_lora_vs_task_vector_math.py --export_lora RANK --skip_plots
-  --intruder_k 0 (the export and the τ analysis it comes with, without plots and intruder dimensions; walls summed,
+- ours: analyze_lora_vs_task_vector_math.py --finetuned_model FT --base_model BASE --export_lora RANK --skip_plots
+  --intruder_k 0 (one process: τ computed tensor by tensor, the export and the τ analysis it comes with, without
+  plots and intruder dimensions);
+- ours in two steps, for reference: extract_task_vectors.py, then the same analysis of the τ file (walls summed,
   peak RSS the larger of the two);
 - theirs: mergekit-extract-lora --max-rank RANK, from its own virtualenv (--mergekit_venv, created when missing
   with torch==2.13.0 then mergekit==0.1.5).
@@ -143,6 +145,13 @@ def timed(*command: object) -> dict:
 
 def ours(base: Path, ft: Path, out: Path, rank: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
+    return timed(sys.executable, "analyze_lora_vs_task_vector_math.py", "--finetuned_model", ft, "--base_model", base,
+                 "--output_dir", out / "analysis", "--export_lora", rank, "--skip_plots", "--intruder_k", 0,
+                 "--device", "cpu")  # fmt: skip
+
+
+def ours_two_steps(base: Path, ft: Path, out: Path, rank: int) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
     py = sys.executable
     extract = timed(py, "extract_task_vectors.py", "--base_model", base, "--finetuned_model", ft,
                     "--output_dir", out / "tv", "--device", "cpu")  # fmt: skip
@@ -186,8 +195,8 @@ def quality(base: Path, ft: Path, adapter: Path) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    def load(folder: Path):
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    def load(folder: Path, dtype: torch.dtype = torch.float32):
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
 
     model, collect = load(base), Collect()
     loggers = [logging.getLogger(n) for n in ("peft", "transformers")]
@@ -202,10 +211,13 @@ def quality(base: Path, ft: Path, adapter: Path) -> dict:
     ft_sd["lm_head.weight"] = ft_sd["model.embed_tokens.weight"]  # tied
     base_sd["lm_head.weight"] = base_sd["model.embed_tokens.weight"]
     rel, unchanged, biases, others = {}, 0.0, 0.0, 0.0
+    # the factors' own error, without the fp32 rounding of the merge (±1e-9 relative): peft merging in float64
+    rel64 = linear_errors(PeftModel.from_pretrained(load(base, torch.float64), adapter).merge_and_unload(), ft_sd,
+                          base_sd)  # fmt: skip
     for name, w in merged.state_dict().items():
         diff = (w - ft_sd[name]).double()
         if is_linear(name, w):
-            change = float((ft_sd[name] - base_sd[name]).double().norm())
+            change = float((ft_sd[name].double() - base_sd[name].double()).norm())
             if change:
                 rel[name] = float(diff.norm()) / change
             else:
@@ -224,6 +236,8 @@ def quality(base: Path, ft: Path, adapter: Path) -> dict:
         "linear_rel_error_median": statistics.median(rel.values()),
         "linear_rel_error_max": rel[worst],
         "linear_rel_error_worst_tensor": worst,
+        "linear_rel_error_median_float64_merge": statistics.median(rel64.values()),
+        "linear_rel_error_max_float64_merge": max(rel64.values()),
         "unchanged_linear_max_abs": unchanged,
         "linear_bias_max_abs": biases,
         "norm_embedding_head_max_abs": others,
@@ -235,6 +249,20 @@ def quality(base: Path, ft: Path, adapter: Path) -> dict:
         "adapter_safetensors_bytes": sum(f.stat().st_size for f in adapter.glob("*.safetensors")),
         "adapter_tensors": len(load_file(next(adapter.glob("*.safetensors")))),
     }
+
+
+def linear_errors(merged, ft_sd: dict, base_sd: dict) -> dict[str, float]:
+    """‖W_merged − W_ft‖_F / ‖W_ft − W_base‖_F of every changed linear weight, in float64."""
+    errors = {}
+    for name, w in merged.state_dict().items():
+        change = float((ft_sd[name].double() - base_sd[name].double()).norm())
+        if is_linear(name, w) and change:
+            errors[name] = float((w.double() - ft_sd[name].double()).norm()) / change
+    return errors
+
+
+def same_bytes(a: Path, b: Path) -> bool:
+    return a.is_file() and b.is_file() and a.read_bytes() == b.read_bytes()
 
 
 def with_bias_flag(adapter: Path, copy: Path) -> Path:
@@ -273,12 +301,13 @@ def main() -> None:
     tool = mergekit_venv(args.mergekit_venv)
     shutil.rmtree(args.work, ignore_errors=True)
     cases = build(args.work)
-    runs = {case: {"ours": [], "mergekit": []} for case in cases}
+    commands = {"ours": ours, "ours_two_steps": ours_two_steps, "mergekit": lambda *a: theirs(tool, *a)}
+    runs = {case: {name: [] for name in commands} for case in cases}
     for repeat in range(args.repeats):
         for case, (base, ft) in cases.items():
-            for name in sorted(("ours", "mergekit"), reverse=repeat % 2 == 1):  # alternate who goes first
+            for name in sorted(commands, reverse=repeat % 2 == 1):  # alternate who goes first
                 out = args.work / f"{case}_{name}"
-                run = ours(base, ft, out, RANKS[case]) if name == "ours" else theirs(tool, base, ft, out, RANKS[case])
+                run = commands[name](base, ft, out, RANKS[case])
                 runs[case][name].append(run)
                 print(f"{case} {name} #{repeat}: {runs[case][name][-1]}", file=sys.stderr)
     report: dict = {
@@ -289,12 +318,15 @@ def main() -> None:
             "checkpoint_mb": round((args.work / "base/model.safetensors").stat().st_size / 1e6, 1),
             "repeats": args.repeats,
             "ranks": RANKS,
-            "ours": "extract_task_vectors.py + analyze_lora_vs_task_vector_math.py --export_lora RANK --skip_plots "
-            "--intruder_k 0 --base_model BASE (two processes: walls summed, peak RSS the larger)",
+            "ours": "analyze_lora_vs_task_vector_math.py --finetuned_model FT --base_model BASE --export_lora RANK "
+            "--skip_plots --intruder_k 0 (one process)",
+            "ours_two_steps": "extract_task_vectors.py, then analyze_lora_vs_task_vector_math.py --task_vector_file "
+            "TV --base_model BASE with the same flags (two processes: walls summed, peak RSS the larger)",
             "mergekit": "mergekit-extract-lora --model FT --base-model BASE --out-path OUT --max-rank RANK "
             "--device cpu",
             "quality": "base + PeftModel.from_pretrained(adapter).merge_and_unload() (peft, fp32) against the "
-            "fine-tune: ‖W_merged − W_ft‖_F / ‖W_ft − W_base‖_F over changed linear weights; max |Δ| over "
+            "fine-tune: ‖W_merged − W_ft‖_F / ‖W_ft − W_base‖_F over changed linear weights (also with peft "
+            "merging in float64: the factors' own error, free of the fp32 merge's rounding); max |Δ| over "
             "linear biases, and over norms, embedding and head; max |Δ logits| on 4×64 fixed random token ids",
         },
         "versions": versions(args.mergekit_venv),
@@ -302,18 +334,25 @@ def main() -> None:
     }
     for case, (base, ft) in cases.items():
         ours_m, theirs_m = medians(runs[case]["ours"]), medians(runs[case]["mergekit"])
+        two_steps = medians(runs[case]["ours_two_steps"])
         ours_adapter = args.work / f"{case}_ours/analysis/exported_lora"
         theirs_adapter = args.work / f"{case}_mergekit"
         fixed = with_bias_flag(theirs_adapter, args.work / f"{case}_mergekit_lora_bias")
         report["cases"][case] = {
             "rank": RANKS[case],
             "ours": ours_m,
+            "ours_two_steps": two_steps,
             "mergekit": theirs_m,
             "ratios_ours_over_mergekit": {
                 "wall": ratio(ours_m["wall_s"], theirs_m["wall_s"]),
                 "cpu": ratio(ours_m["cpu_s"], theirs_m["cpu_s"]),
                 "peak_rss": ratio(ours_m["peak_rss_gb"], theirs_m["peak_rss_gb"]),
+                "wall_two_steps": ratio(two_steps["wall_s"], theirs_m["wall_s"]),
             },
+            "two_steps_adapter_is_the_same_file": same_bytes(
+                ours_adapter / "adapter_model.safetensors",
+                args.work / f"{case}_ours_two_steps/analysis/exported_lora/adapter_model.safetensors",
+            ),
             "quality": {
                 "ours": quality(base, ft, ours_adapter) if ours_adapter.exists() else "no adapter",
                 "mergekit_as_written": quality(base, ft, theirs_adapter),
