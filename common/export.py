@@ -39,6 +39,7 @@ import torch
 
 from common.adapter import PREFIX
 from common.errors import UserError
+from common.metrics import squared_norm
 from common.model_layout import read_config
 from common.safetensors_io import CheckpointIndex, SafetensorsWriter, TensorSpec
 from common.spectra import Decomposition, energy_rank, truncated_svd
@@ -268,7 +269,7 @@ class LoraExporter:
         """One changed tensor of τ (in its stored layout), with the base tensor when there is one, Δ when the
         analysis had one, and τ's decomposition when the analysis made one."""
         start = time.perf_counter()
-        energy = float(task_vector.double().square().sum())
+        energy = squared_norm(task_vector)
         self.export.total_energy += energy
         if not self.export.request.wants(name):
             self._skip(name, "excluded (--export_include / --export_exclude)", energy)
@@ -278,7 +279,7 @@ class LoraExporter:
 
     def skip(self, name: str, why: str, task_vector: torch.Tensor) -> None:
         """A changed tensor of τ that is not exported (its energy still counts in ‖τ‖²)."""
-        energy = float(task_vector.double().square().sum())
+        energy = squared_norm(task_vector)
         self.export.total_energy += energy
         self._skip(name, why, energy)
 
@@ -329,8 +330,10 @@ class LoraExporter:
         self.export.tensors.append(ExportedTensor(name, module, "copy", OTHER, list(tau.shape), energy))
 
     def _factor(self, name, module, layout, tau, lora_delta, decomposition, energy) -> None:
-        matrix = tau.double() if layout == LINEAR else tau.double().T
-        u, s, vh, exact, threshold = top_triplets(matrix, self.export.request, decomposition, layout)
+        held = decomposition.matrix if decomposition is not None else None  # τ in float64, when the analysis has it
+        matrix = held if held is not None else tau.double()
+        matrix = matrix if layout == LINEAR else matrix.T
+        u, s, vh, exact, threshold = top_triplets(matrix, energy, self.export.request, decomposition, layout)
         if len(s) == 0:
             self._skip(name, "no singular value above the noise threshold", energy)
             return
@@ -406,11 +409,11 @@ class LoraExporter:
 
 
 def top_triplets(
-    matrix: torch.Tensor, request: ExportRequest, decomposition: Decomposition | None, layout: str
+    matrix: torch.Tensor, energy: float, request: ExportRequest, decomposition: Decomposition | None, layout: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool, float | None]:
     """U_k, σ_k, V_kᵀ for the requested rank (fixed, by energy, or above the noise threshold), reusing the
-    analysis's decomposition of τ when it holds enough triplets; whether the SVD was exact; the threshold."""
-    energy = float(matrix.square().sum())
+    analysis's decomposition of τ when it holds enough triplets; whether the SVD was exact; the threshold.
+    `energy`: ‖matrix‖²_F."""
     smallest = min(matrix.shape)
     dec = decomposition if decomposition is None or layout == LINEAR else decomposition.transposed()
     k = min(request.rank or 32, smallest)
