@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         base = stack.enter_context(CheckpointIndex(base_dir)) if base_dir else None
         if finetuned_dir is not None:
             finetuned = stack.enter_context(CheckpointIndex(finetuned_dir))
-            task_vector = TaskVectorOfModels(base, finetuned, base_dir, finetuned_dir)
+            sources = {"base_model": args.base_model, "finetuned_model": args.finetuned_model}
+            task_vector = TaskVectorOfModels(base, finetuned, sources)
             known = task_vector.statuses
             for line in task_vector.extraction.left_out_lines():
                 log.info(line)

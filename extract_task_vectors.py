@@ -31,13 +31,13 @@ from common.cli import (
 )
 from common.model_layout import fingerprint, read_config
 from common.outputs import check_output_dir, staged_output_dir
-from common.precision import short_name
 from common.safetensors_io import CheckpointIndex, ShardedWriter
 from common.sources import resolve_model
 from common.task_vector import (
     STATS_FILE,
     check_same_architecture,
     extract_task_vector,
+    header_metadata,
     non_finite_task_vector_warnings,
     plan_extraction,
     task_vector_specs,
@@ -85,13 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         pairs, extraction = plan_extraction(base, finetuned, configs, args.allow_shape_mismatch)
         specs = task_vector_specs(base, pairs, compute_dtype)
         sources |= {"base_fingerprint": fingerprint(base), "finetuned_fingerprint": fingerprint(finetuned)}
-        metadata = {
-            **sources,
-            "base_dtype": extraction.base_dtype,
-            "finetuned_dtype": extraction.finetuned_dtype,
-            "compute_dtype": short_name(compute_dtype),
-            **({"model_type": str(configs[0]["model_type"])} if configs[0].get("model_type") else {}),
-        }
+        metadata = header_metadata(sources, extraction, compute_dtype, configs[0])
         writer = ShardedWriter(staging, specs, args.shard_size or 2**63, metadata, stem="task_vector")
         with writer, tensor_progress(sum(s.nbytes for s in specs), "extract", args.verbose, unit="B") as step:
             extract_task_vector(

@@ -158,6 +158,20 @@ class Extraction:
         return lines + [f"tied weights: {line}" for line in self.tied]
 
 
+def header_metadata(
+    sources: dict[str, str], extraction: Extraction, compute_dtype: torch.dtype, base_config: dict
+) -> dict[str, str]:
+    """τ's header: the models as the user named them (`sources`), both models' dtypes, τ's dtype and the base's
+    model type: what compare and analyze read back."""
+    return {
+        **sources,
+        "base_dtype": extraction.base_dtype,
+        "finetuned_dtype": extraction.finetuned_dtype,
+        "compute_dtype": short_name(compute_dtype),
+        **({"model_type": str(base_config["model_type"])} if base_config.get("model_type") else {}),
+    }
+
+
 def check_same_architecture(base_config: dict, finetuned_config: dict) -> None:
     """Refuse two models whose config.json name different architectures."""
     types = [c.get("model_type") for c in (base_config, finetuned_config)]

@@ -4,14 +4,19 @@ and the same status per tensor as extract_task_vectors.py writes, without writin
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 
 import torch
 
 from common.model_layout import read_config
-from common.precision import short_name
 from common.safetensors_io import CheckpointIndex
-from common.task_vector import RunningStats, check_same_architecture, plan_extraction, task_vector, tensor_status
+from common.task_vector import (
+    RunningStats,
+    check_same_architecture,
+    header_metadata,
+    plan_extraction,
+    task_vector,
+    tensor_status,
+)
 
 COMPUTE_DTYPE = torch.float32  # extract's default --compute_dtype
 
@@ -20,21 +25,16 @@ class TaskVectorOfModels:
     """τ of a base and a finetuned checkpoint, read like a τ file's CheckpointIndex (`names`, `read`, `shapes`,
     `metadata`, `source`); `statuses` is the extraction's status of each tensor. One tensor is held at a time."""
 
-    def __init__(self, base: CheckpointIndex, finetuned: CheckpointIndex, base_dir: Path, finetuned_dir: Path):
-        configs = (read_config(base_dir, required=False), read_config(finetuned_dir, required=False))
+    def __init__(self, base: CheckpointIndex, finetuned: CheckpointIndex, sources: dict[str, str]):
+        """`sources`: the base and finetuned models as the user named them (hub ids or folders), as extract records
+        them in τ's header."""
+        configs = (read_config(base.source, required=False), read_config(finetuned.source, required=False))
         check_same_architecture(*configs)
         self.base, self.finetuned = base, finetuned
         pairs, self.extraction = plan_extraction(base, finetuned, configs)
         self.pairs = {pair.name: pair for pair in pairs}
-        self.source = f"{finetuned_dir} − {base_dir}"
-        self.metadata = {
-            "base_model": str(base_dir),
-            "finetuned_model": str(finetuned_dir),
-            "base_dtype": self.extraction.base_dtype,
-            "finetuned_dtype": self.extraction.finetuned_dtype,
-            "compute_dtype": short_name(COMPUTE_DTYPE),
-            **({"model_type": str(configs[0]["model_type"])} if configs[0].get("model_type") else {}),
-        }
+        self.source = f"{finetuned.source} − {base.source}"
+        self.metadata = header_metadata(sources, self.extraction, COMPUTE_DTYPE, configs[0])
         self.statuses = Statuses(self)
         self._held: tuple[str, torch.Tensor, str] | None = None  # the last tensor read, its τ and status
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -135,3 +136,14 @@ def test_missing_path_that_cannot_be_a_hub_id_is_refused_without_a_lookup(missin
     with pytest.raises(UserError) as error:
         resolve_model(missing, "base model")
     assert str(error.value) == f"base model {missing}: no such file or folder"
+
+
+def test_the_one_step_export_names_a_hub_id_base_as_the_user_did(in_hub, merged_from_folders, tmp_path):
+    """analyze --finetuned_model records the models as extract does, as named: the exported adapter's config points
+    at the hub id, not at the cache's snapshot folder it was read from."""
+    out = tmp_path / "analysis"
+    args = ["--base_model", BASE_ID, "--finetuned_model", merged_from_folders, "--output_dir", out, "--device", "cpu"]
+    result = run_main("analyze_lora_vs_task_vector_math.py", *args, "--export_lora", 8, "--skip_plots")
+    assert result.returncode == 0, result.stderr
+    config = json.loads((out / "exported_lora" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == BASE_ID
