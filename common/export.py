@@ -168,8 +168,11 @@ class ModuleKinds:
         architecture = (self.config.get("architectures") or ["ForCausalLM"])[0]
         if self.model_type not in PLAIN_DECODERS or not str(architecture).endswith("ForCausalLM"):
             return False
-        with CheckpointIndex(base_dir) as checkpoint:
-            shapes = checkpoint.shapes()
+        try:
+            with CheckpointIndex(base_dir) as checkpoint:
+                shapes = checkpoint.shapes()
+        except UserError:  # no safetensors to read names from (a .bin checkpoint): the class can still tell
+            return False
         if not all(PLAIN_DECODER_TENSOR.fullmatch(name) for name in shapes) or PLAIN_EMBEDDING not in shapes:
             return False
         shapes.setdefault(PLAIN_HEAD, shapes[PLAIN_EMBEDDING])  # a tied head is not saved, but is a parameter

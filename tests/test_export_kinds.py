@@ -81,3 +81,6 @@ def test_other_models_heads_and_names_go_to_the_class(tmp_path, monkeypatch):
     save_file(tensors, renamed / "model.safetensors", {"format": "pt"})
     ModuleKinds(renamed)
     assert read[-1] == renamed, "a tensor no plain decoder has"
+    (renamed / "model.safetensors").rename(renamed / "pytorch_model.bin")  # no names to read
+    ModuleKinds(renamed)
+    assert read[-1] == renamed and len(read) == 4, "a checkpoint without safetensors"
