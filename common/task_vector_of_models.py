@@ -15,6 +15,7 @@ from common.task_vector import (
     header_metadata,
     plan_extraction,
     task_vector,
+    task_vector_specs,
     tensor_status,
 )
 
@@ -48,7 +49,8 @@ class TaskVectorOfModels:
         return list(self.pairs)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {name: self.base.info(pair.base_name).shape for name, pair in self.pairs.items()}
+        specs = task_vector_specs(self.base, list(self.pairs.values()), COMPUTE_DTYPE)  # as extract writes them
+        return {spec.name: tuple(spec.shape) for spec in specs}
 
     def read(self, name: str) -> torch.Tensor:
         """τ of one tensor, a tensor of its own (as a file's `read` gives): held no longer once read."""
