@@ -8,8 +8,11 @@ its own process under /usr/bin/time (wall seconds, peak RSS), `--repeats` rounds
   dimensions); τ alone (no LoRA) with and without intruder dimensions; merge with fsync turned into a no-op
   (what flushing the output to disk costs); compare with torch's huge-page allocation turned off.
 Then checks the verdict, and that compare's figures are the same in every round. Deletes every file it wrote.
+With `--device cuda:0` the README's four commands alone run on the GPU (`--device cuda:0` added to each), through
+bench/peak_memory.py: wall seconds, peak host RSS and peak GPU memory (torch's allocator) of each.
 
     .venv/bin/python bench/full_scale.py --work /tmp/sc2_full --out bench/full_scale_30_layers.json
+    python3 bench/full_scale.py --device cuda:0 --repeats 1 --out bench/full_scale_30_layers_cuda.json
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,6 +48,21 @@ def timed(*command: object, env: dict[str, str] | None = None, ok: tuple[int, ..
     return {"wall_s": float(wall), "peak_rss_gb": round(int(rss_kb) / 1024**2, 3), "exit_code": result.returncode}
 
 
+def timed_on(device: str, script: str, *args: object) -> dict:
+    """One of the four scripts with `--device device`, through bench/peak_memory.py: wall seconds, exit code, peak
+    host RSS and peak GPU memory (GB)."""
+    os.sync()
+    py, wrapper = sys.executable, REPO / "bench" / "peak_memory.py"
+    start = time.perf_counter()
+    result = subprocess.run([py, wrapper, script, *map(str, args), "--device", device], cwd=REPO, capture_output=True,
+                            text=True)  # fmt: skip
+    wall = time.perf_counter() - start
+    if result.returncode:
+        sys.exit(f"{script} failed:\n{result.stderr[-3000:]}")
+    peak = json.loads(result.stderr.strip().splitlines()[-1].removeprefix("PEAK "))
+    return {"wall_s": round(wall, 2), **peak, "exit_code": result.returncode}
+
+
 def removed_after(output: Path, *command: object) -> dict:
     """`timed(*command, output)` into a fresh `output`, deleted afterwards (one more 12 GB copy is not kept)."""
     result = timed(*command, fresh(output))
@@ -51,22 +70,32 @@ def removed_after(output: Path, *command: object) -> dict:
     return result
 
 
-def readme_steps(base: Path, adapter: Path, work: Path) -> dict[str, Callable[[int], dict]]:
-    """The README's four commands, in its order and with its flags."""
-    py, merged, tv = sys.executable, work / "merged_model_fp32", work / "task_vectors_fp32"
+def readme_steps(base: Path, adapter: Path, work: Path, device: str | None) -> dict[str, Callable[[int], dict]]:
+    """The README's four commands, in its order and with its flags (on `device` when one is named)."""
+    merged, tv = work / "merged_model_fp32", work / "task_vectors_fp32"
     cmp, analysis = work / "comparison_results", work / "mathematical_analysis"
+    if device is None:
+        py = sys.executable
+
+        def timed_step(script: str, *args: object) -> dict:
+            return timed(py, script, *args)
+    else:
+
+        def timed_step(script: str, *args: object) -> dict:
+            return timed_on(device, script, *args)
+
     return {
-        "merge": lambda i: timed(py, "merge_lora.py", "--base_model", base, "--lora_path", adapter,
-                                 "--output_dir", fresh(merged), "--precision", "fp32"),
-        "extract": lambda i: timed(py, "extract_task_vectors.py", "--base_model", base,
-                                   "--finetuned_model", merged, "--output_dir", fresh(tv)),
-        "compare": lambda i: timed(py, "compare_lora_task_vector.py", "--base_model", base, "--lora_path", adapter,
-                                   "--task_vector_path", tv / "task_vector.safetensors",
-                                   "--output_dir", fresh(cmp), "--tolerance", "1e-5"),
-        "analyze": lambda i: timed(py, "analyze_lora_vs_task_vector_math.py",
-                                   "--lora_file", cmp / "lora_deltas.safetensors",
-                                   "--task_vector_file", tv / "task_vector.safetensors",
-                                   "--output_dir", fresh(analysis)),
+        "merge": lambda i: timed_step("merge_lora.py", "--base_model", base, "--lora_path", adapter,
+                                      "--output_dir", fresh(merged), "--precision", "fp32"),
+        "extract": lambda i: timed_step("extract_task_vectors.py", "--base_model", base,
+                                        "--finetuned_model", merged, "--output_dir", fresh(tv)),
+        "compare": lambda i: timed_step("compare_lora_task_vector.py", "--base_model", base, "--lora_path", adapter,
+                                        "--task_vector_path", tv / "task_vector.safetensors",
+                                        "--output_dir", fresh(cmp), "--tolerance", "1e-5"),
+        "analyze": lambda i: timed_step("analyze_lora_vs_task_vector_math.py",
+                                        "--lora_file", cmp / "lora_deltas.safetensors",
+                                        "--task_vector_file", tv / "task_vector.safetensors",
+                                        "--output_dir", fresh(analysis)),
     }  # fmt: skip
 
 
@@ -97,7 +126,8 @@ def figures(work: Path) -> dict:
     """What the README's compare and analyze said, to check every round says the same."""
     report = json.loads((work / "comparison_results" / "comparison_report.json").read_text())
     analysis = json.loads((work / "mathematical_analysis" / "analysis.json").read_text())
-    alone = json.loads((work / "analysis_tau_intruders" / "analysis.json").read_text())
+    alone_path = work / "analysis_tau_intruders" / "analysis.json"
+    alone = json.loads(alone_path.read_text()) if alone_path.exists() else {"summary": {}}
     return {
         "compare_summary": {k: report["summary"].get(k) for k in ("equivalent", "cause", "reason")},
         "compare_tensors": [
@@ -109,17 +139,33 @@ def figures(work: Path) -> dict:
     }
 
 
+def device_name(device: str) -> dict:
+    """The device and the versions the commands ran with."""
+    import peft
+    import torch
+    import transformers
+
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+    return {"device": device, "name": name, **versions}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("/tmp/sc2_full"))
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--device", default=None, help="run the README's four commands alone, on this device")
     args = parser.parse_args()
     shutil.rmtree(args.work, ignore_errors=True)
     try:
+        start = time.perf_counter()
         base, adapter = build(args.work / "model", args.layers)
-        steps = readme_steps(base, adapter, args.work) | other_steps(base, adapter, args.work)
+        print(f"  built in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        steps = readme_steps(base, adapter, args.work, args.device)
+        if args.device is None:
+            steps |= other_steps(base, adapter, args.work)
         rounds: list[dict] = []
 
         def check(i: int) -> dict:
@@ -130,6 +176,7 @@ def main() -> None:
         del runs["check"]
         readme_total = sum(runs[s]["wall_s"] for s in ("merge", "extract", "compare", "analyze"))
         report = {
+            **({"device": device_name(args.device)} if args.device else {}),
             "layers": args.layers,
             "checkpoint_gb": round((base / "model.safetensors").stat().st_size / 1e9, 2),
             "cpus": os.cpu_count(),
