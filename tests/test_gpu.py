@@ -10,16 +10,30 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
-def test_cuda_merge_matches_cpu_merge_within_one_rounding(tiny, pipeline, tmp_path, precision):
-    out = tmp_path / "cuda"
-    args = ["--base_model", tiny.base, "--lora_path", tiny.adapter, "--output_dir", out, "--precision", precision]
+def test_cuda_merge_is_within_the_rounding_bound_of_the_exact_delta(tiny, tmp_path, precision):
+    """cuda:0's matmul may round B @ A otherwise than the CPU's (on an H200, 3 of 4096 fp32 elements of the tiny
+    merge one rounding apart, 3.7e-9 where the element is 1.5e-3): no element-wise tolerance tied to the merged value
+    holds. The CUDA merge's τ is checked against the exact Δ by the rounding bound instead, compared on the CPU and
+    on cuda:0, and on cuda:0 it is bit for bit what compare's own merge there gives."""
+    import compare_lora_task_vector
+    import extract_task_vectors
+
+    merged, tv = tmp_path / "cuda", tmp_path / "tv"
+    args = ["--base_model", tiny.base, "--lora_path", tiny.adapter, "--output_dir", merged, "--precision", precision]
     result = run_script("merge_lora.py", *args, "--device", "cuda:0")
     assert result.returncode == 0, result.stderr
-    cpu, cuda = load_weights(pipeline(precision).merged), load_weights(out)
-    for name, tensor in cpu.items():
-        # The matmul may take another kernel on the GPU: at most one rounding step apart.
-        eps = torch.finfo(tensor.dtype).eps
-        torch.testing.assert_close(cuda[name].float(), tensor.float(), rtol=2 * eps, atol=2 * eps * 1e-2)
+    args = ["--base_model", tiny.base, "--finetuned_model", merged, "--output_dir", tv, "--device", "cpu"]
+    assert extract_task_vectors.main([str(a) for a in args]) == 0
+    for device in ("cpu", "cuda:0"):
+        out = tmp_path / device.replace(":", "")
+        args = ["--base_model", tiny.base, "--lora_path", tiny.adapter, "--task_vector_path", tv]
+        code = compare_lora_task_vector.main([str(a) for a in args] + ["--output_dir", str(out), "--device", device])
+        report = __import__("json").loads((out / "comparison_report.json").read_text())
+        assert code == (0 if precision == "fp32" else 1), report["summary"]
+        adapted = [row for row in report["tensors"] if row["status"] in ("match", "mismatch")]
+        assert len(adapted) == 8 and all(row["within_rounding"] for row in adapted), device
+        if device == "cuda:0":
+            assert all(row["reproduces_merge"] for row in adapted)
 
 
 def test_cuda_compare_and_analyze_agree_with_cpu(tiny, pipeline, tmp_path):
