@@ -8,6 +8,10 @@ comparison_report.json's summary.cause names the cause); 2: bad input. Writes lo
 comparison_report.json / .csv and the plots norm_distribution_comparison.png, relative_error_heatmap.png and
 (with --base_model) residual_ulp_histogram.png into --output_dir.
 
+With --check_logits (and --base_model): the merged model against base + adapter unmerged, on the same tokens —
+top-1 agreement, max |Δ logit|, KL, greedy continuations (summary.logits, logit_comparison.csv). Evidence beside
+the verdict; the exit code stays the weight-level one.
+
 Where the maths lives: common/lora.py (Δ: `plan_deltas`, `exact_delta`), common/metrics.py (cosine, the rounding
 bound), common/compare.py (the evidence), common/diagnosis.py (the cause); docs/maths.md, docs/diagnosis.md and
 docs/reports.md for the report's fields.
@@ -33,13 +37,22 @@ from common.cli import (
     tensor_progress,
 )
 from common.compare import compare_adapter
-from common.compare_report import comparison_summary, console_block, tensor_rows, write_comparison_reports
+from common.compare_report import (
+    comparison_summary,
+    console_block,
+    tensor_rows,
+    write_comparison_reports,
+    write_logit_rows,
+)
 from common.diagnosis import diagnose
+from common.errors import UserError
 from common.finite import strict_json
+from common.logits import QUANT_TYPES, compare_logits, console_line, plan_logit_check
 from common.lora import plan_deltas
 from common.model_layout import read_config
 from common.outputs import check_output_dir, staged_output_dir
 from common.plots import comparison_plots
+from common.precision import PRECISIONS
 from common.safetensors_io import CheckpointIndex, SafetensorsWriter
 from common.sources import resolve_adapter, resolve_model
 from common.task_vector import stats_beside
@@ -56,19 +69,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=1e-5, help="max |τ − Δ| allowed per element")
     add_switch(parser, "--json", "print the summary as JSON on stdout")
     add_residual_base(parser)
+    add_logit_flags(parser)
     add_overwrite(parser)
     args = parse_with_config(parser, argv)
     require(args, "lora_path", "task_vector_path")
+    check_logit_flags(args)
     setup_logging(args.verbose, to_stderr=args.json)
 
     device = resolve_device(args.device)
     base_dir = resolve_model(args.base_model, "base model") if args.base_model else None
     adapter = LoraAdapter(resolve_adapter(args.lora_path), base_dir, args.residual_base)
-    inputs = [adapter.folder, args.task_vector_path] + ([base_dir] if base_dir else [])
-    check_output_dir(args.output_dir, inputs, args.overwrite)
 
     with contextlib.ExitStack() as stack:
         task_vector = stack.enter_context(CheckpointIndex(args.task_vector_path))
+        logit_check = None
+        if args.check_logits:
+            precision = PRECISIONS[args.precision] if args.precision else None
+            logit_check = plan_logit_check(
+                base_dir, args.finetuned_model, task_vector, args.prompts, precision, args.bnb_4bit_quant_type,
+                args.bnb_4bit_use_double_quant,
+            )  # fmt: skip
+        inputs = [adapter.folder, args.task_vector_path] + ([base_dir] if base_dir else [])
+        inputs += [logit_check.merged_dir] if logit_check else []
+        check_output_dir(args.output_dir, inputs, args.overwrite)
         base = stack.enter_context(CheckpointIndex(base_dir)) if base_dir else None
         plan = plan_deltas(adapter, base, read_config(base_dir) if base_dir else {}, set(task_vector.names()))
         staging = stack.enter_context(staged_output_dir(args.output_dir))
@@ -80,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         result = diagnose(comparison)
         summary = comparison_summary(comparison, result)
+        if logit_check:
+            logits = compare_logits(logit_check, adapter.folder, device)
+            summary["logits"] = logits.summary()
+            write_logit_rows(logits.prompts, staging)
         rows = tensor_rows(comparison)
         write_comparison_reports(summary, rows, staging)
         comparison_plots(rows, comparison.ulp_errors, comparison.merge_dtype, staging)
@@ -88,8 +115,34 @@ def main(argv: list[str] | None = None) -> int:
         print(strict_json(summary), end="")
     else:
         log.info(console_block(summary))
+        if "logits" in summary:
+            log.info(console_line(summary["logits"]))
         log.info(f"\nreports and plots in {args.output_dir}/")
     return 0 if result.equivalent else 1
+
+
+def add_logit_flags(parser) -> None:
+    add_switch(parser, "--check_logits", "also run the merged model and base + adapter unmerged on the same tokens")
+    parser.add_argument("--finetuned_model", default=None, help="merged model for --check_logits (default: τ's own)")
+    parser.add_argument("--prompts", type=Path, default=None, help="--check_logits inputs: a text file, one per line")
+    parser.add_argument(
+        "--precision", choices=list(PRECISIONS), default=None, help="--check_logits reference dtype (default: merged's)"
+    )
+    parser.add_argument(
+        "--bnb_4bit_quant_type", choices=QUANT_TYPES, default=None, help="--check_logits: base loaded 4-bit (QLoRA)"
+    )
+    add_switch(parser, "--bnb_4bit_use_double_quant", "with --bnb_4bit_quant_type: double quantization")
+
+
+def check_logit_flags(args) -> None:
+    """The logit check's flags make sense together: a base for the reference, the others only with the check."""
+    if args.check_logits and not args.base_model:
+        raise UserError("--check_logits needs --base_model: the reference is base + adapter")
+    for flag in ("finetuned_model", "prompts", "precision", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant"):
+        if getattr(args, flag) not in (None, False) and not args.check_logits:
+            raise UserError(f"--{flag} is for --check_logits, which is not given")
+    if args.bnb_4bit_use_double_quant and not args.bnb_4bit_quant_type:
+        raise UserError("--bnb_4bit_use_double_quant needs --bnb_4bit_quant_type (nf4 or fp4)")
 
 
 if __name__ == "__main__":

@@ -70,8 +70,11 @@ def removed_after(output: Path, *command: object) -> dict:
     return result
 
 
-def readme_steps(base: Path, adapter: Path, work: Path, device: str | None) -> dict[str, Callable[[int], dict]]:
-    """The README's four commands, in its order and with its flags (on `device` when one is named)."""
+def readme_steps(
+    base: Path, adapter: Path, work: Path, device: str | None, check_logits: bool = False
+) -> dict[str, Callable[[int], dict]]:
+    """The README's four commands, in its order and with its flags (on `device` when one is named); with
+    `check_logits`, compare --check_logits after them."""
     merged, tv = work / "merged_model_fp32", work / "task_vectors_fp32"
     cmp, analysis = work / "comparison_results", work / "mathematical_analysis"
     if device is None:
@@ -84,7 +87,7 @@ def readme_steps(base: Path, adapter: Path, work: Path, device: str | None) -> d
         def timed_step(script: str, *args: object) -> dict:
             return timed_on(device, script, *args)
 
-    return {
+    steps = {
         "merge": lambda i: timed_step("merge_lora.py", "--base_model", base, "--lora_path", adapter,
                                       "--output_dir", fresh(merged), "--precision", "fp32"),
         "extract": lambda i: timed_step("extract_task_vectors.py", "--base_model", base,
@@ -97,6 +100,13 @@ def readme_steps(base: Path, adapter: Path, work: Path, device: str | None) -> d
                                         "--task_vector_file", tv / "task_vector.safetensors",
                                         "--output_dir", fresh(analysis)),
     }  # fmt: skip
+    if check_logits:
+        steps["compare_check_logits"] = lambda i: timed_step(
+            "compare_lora_task_vector.py", "--base_model", base, "--lora_path", adapter,
+            "--task_vector_path", tv / "task_vector.safetensors", "--output_dir", fresh(work / "cmp_logits"),
+            "--tolerance", "1e-5", "--check_logits",
+        )  # fmt: skip
+    return steps
 
 
 def other_steps(base: Path, adapter: Path, work: Path) -> dict[str, Callable[[int], dict]]:
@@ -126,6 +136,8 @@ def figures(work: Path) -> dict:
     """What the README's compare and analyze said, to check every round says the same."""
     report = json.loads((work / "comparison_results" / "comparison_report.json").read_text())
     analysis = json.loads((work / "mathematical_analysis" / "analysis.json").read_text())
+    logits_path = work / "cmp_logits" / "comparison_report.json"
+    logits = json.loads(logits_path.read_text())["summary"]["logits"] if logits_path.exists() else None
     alone_path = work / "analysis_tau_intruders" / "analysis.json"
     alone = json.loads(alone_path.read_text()) if alone_path.exists() else {"summary": {}}
     return {
@@ -136,6 +148,7 @@ def figures(work: Path) -> dict:
         ],
         "analysis_findings": analysis["summary"]["findings"],
         "intruder_dimensions_total": alone["summary"].get("intruder_dimensions_total"),
+        **({"logits": logits} if logits else {}),
     }
 
 
@@ -157,13 +170,14 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/sc2_full"))
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--device", default=None, help="run the README's four commands alone, on this device")
+    parser.add_argument("--check_logits", action="store_true", help="with --device: compare --check_logits too")
     args = parser.parse_args()
     shutil.rmtree(args.work, ignore_errors=True)
     try:
         start = time.perf_counter()
         base, adapter = build(args.work / "model", args.layers)
         print(f"  built in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-        steps = readme_steps(base, adapter, args.work, args.device)
+        steps = readme_steps(base, adapter, args.work, args.device, args.check_logits)
         if args.device is None:
             steps |= other_steps(base, adapter, args.work)
         rounds: list[dict] = []

@@ -68,6 +68,15 @@ def write_comparison_reports(summary: dict, rows: list[dict], out_dir: Path) -> 
         writer.writerows(rows)
 
 
+def write_logit_rows(prompts: list, out_dir: Path) -> None:
+    """logit_comparison.csv: the logit check's figures, a row per prompt."""
+    rows = [asdict(p) for p in prompts]
+    with open(out_dir / "logit_comparison.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def console_block(summary: dict) -> str:
     """The seed README's analysis block, with the sets and the verdict's reason."""
     n = summary["shared"]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's four steps on a tiny StarCoder2 and a LoRA adapter trained for 5 steps, at fp32 and fp16.
 # Shows the seed's finding in miniature: at fp32 only the LoRA targets change and they match the LoRA
-# delta; at fp16 every tensor changes, and the extra ones are rounding artifacts.
+# delta; at fp16 every tensor changes, and the extra ones are rounding artifacts. compare also runs the merged model
+# against base + adapter unmerged (--check_logits).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -29,7 +30,7 @@ for precision in fp32 fp16; do
     status=0
     run $PY compare_lora_task_vector.py --base_model "$OUT/base_model" --lora_path "$OUT/checkpoint-5" \
         --task_vector_path "$OUT/task_vectors_$precision/task_vector.safetensors" \
-        --output_dir "$OUT/comparison_results_$precision" --tolerance 1e-5 || status=$?
+        --output_dir "$OUT/comparison_results_$precision" --tolerance 1e-5 --check_logits || status=$?
     echo "(exit code $status)"
     expected=$([ "$precision" = fp32 ] && echo 0 || echo 1)
     if [ "$status" != "$expected" ]; then

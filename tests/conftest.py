@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -202,6 +203,26 @@ def pipeline(tiny: Tiny):
         return built[precision]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def qlora_merges(tiny, tmp_path_factory, pipeline):
+    """The tiny adapter merged into the bf16 base (a: the streaming merge) and into the dequantized 4-bit base (c:
+    transformers' dequantize, then peft's merge_and_unload, as a user does it), each with its τ."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    root = tmp_path_factory.mktemp("qlora")
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(tiny.base, dtype=torch.bfloat16, quantization_config=quant)
+    merged = PeftModel.from_pretrained(model.dequantize(), tiny.adapter).merge_and_unload()  # no forward before
+    merged.save_pretrained(root / "merged_c")
+    shutil.copy(tiny.base / "tokenizer.json", root / "merged_c")
+    vectors = {"a": pipeline("bf16").task_vector_file}
+    args = ["--base_model", tiny.base, "--finetuned_model", root / "merged_c", "--output_dir", root / "tv_c"]
+    assert run_main("extract_task_vectors.py", *args, "--device", "cpu").returncode == 0
+    return vectors | {"c": root / "tv_c" / "task_vector.safetensors"}
 
 
 def peft_merged_state_dict(base: Path, adapter: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
