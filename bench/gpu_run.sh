@@ -48,6 +48,6 @@ step pytest_gpu 170 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.p
 step qlora_gpu 90 $PY bench/qlora_gpu.py --out "$OUT/qlora_gpu.json" --refs /tmp/qlora_refs
 [ -d /tmp/qlora_refs ] && tar czf "$OUT/qlora_refs.tar.gz" -C /tmp qlora_refs
 step full_scale_cuda 240 $PY bench/full_scale.py --device cuda:0 --repeats 1 --work /tmp/sc2_full \
-  --out "$OUT/full_scale_30_layers_cuda.json"
+  --out "$OUT/full_scale_30_layers_cuda.json" --check_logits
 step gpu_bench 80 $PY bench/gpu_bench.py --layers 2 --out "$OUT/gpu_bench.json"
 echo "=== done" >>"$LOG"

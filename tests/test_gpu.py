@@ -97,3 +97,29 @@ def test_cuda_extract_is_bitwise_the_cpu_extract(tiny, pipeline, tmp_path):
     assert cpu.keys() == cuda.keys()
     for name, tensor in cpu.items():
         assert torch.equal(tensor.view(torch.int32), cuda[name].view(torch.int32)), name
+
+
+def test_cuda_check_logits_agrees_with_the_cpu(tiny, pipeline, tmp_path, qlora_merges):
+    """--check_logits on cuda:0: the fp32 merge picks base + adapter's next token everywhere, as on the CPU; against
+    the 4-bit reference quantized by bitsandbytes on CUDA, the merge into the (CPU-)dequantized base stays far closer
+    than the bf16 merge. The figures are printed for the run's log."""
+    import json
+
+    import compare_lora_task_vector
+
+    cases = {"fp32": (pipeline("fp32").task_vector_file, [])}
+    qlora = ["--bnb_4bit_quant_type", "nf4", "--bnb_4bit_use_double_quant"]
+    cases |= {f"qlora_{how}": (tv, qlora) for how, tv in qlora_merges.items()}
+    figures = {}
+    for device in ("cpu", "cuda:0"):
+        for name, (tv, extra) in cases.items():
+            out = tmp_path / f"{device.replace(':', '')}_{name}"
+            args = ["--base_model", tiny.base, "--lora_path", tiny.adapter, "--task_vector_path", tv, *extra]
+            args += ["--output_dir", out, "--device", device, "--check_logits"]
+            compare_lora_task_vector.main([str(a) for a in args])
+            figures[f"{device} {name}"] = json.loads((out / "comparison_report.json").read_text())["summary"]["logits"]
+    print(json.dumps(figures, indent=1))
+    fp32 = figures["cuda:0 fp32"]
+    assert fp32["top1_agreement"] == 1.0 and fp32["continuations_identical"] == fp32["prompts"]
+    assert fp32["max_abs_logit_diff"] < 1e-4
+    assert figures["cuda:0 qlora_c"]["mean_kl"] * 10 < figures["cuda:0 qlora_a"]["mean_kl"]
