@@ -33,6 +33,8 @@ from common.cli import (
     add_switch,
     at_most_one,
     base_parser,
+    count_or_zero,
+    folder_path,
     fraction,
     log,
     parse_with_config,
@@ -69,11 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         "--finetuned_model", default=None, help="or the finetuned model, with --base_model: τ computed, not read"
     )
     parser.add_argument("--base_model", default=None, help="base model (hub id or folder): residual in ulps")
-    parser.add_argument("--output_dir", type=Path, default=Path("mathematical_analysis"), help="report folder")
+    parser.add_argument("--output_dir", type=folder_path, default=Path("mathematical_analysis"), help="report folder")
     add_switch(parser, "--full_svd", "exact SVDs even of large matrices (else randomized above 512)")
     parser.add_argument(
         "--intruder_k",
-        type=int,
+        type=count_or_zero,
         default=10,
         help="with --base_model: intruders among the top-k singular vectors (0: off)",
     )
@@ -98,7 +100,6 @@ def main(argv: list[str] | None = None) -> int:
     adapter = LoraAdapter(resolve_adapter(args.lora_path), base_dir, args.residual_base) if args.lora_path else None
     lora = adapter.folder if adapter else args.lora_file
     inputs = [args.task_vector_file or finetuned_dir] + ([lora] if lora else []) + ([base_dir] if base_dir else [])
-    check_output_dir(args.output_dir, inputs, args.overwrite)
     with contextlib.ExitStack() as stack:
         base = stack.enter_context(CheckpointIndex(base_dir)) if base_dir else None
         if finetuned_dir is not None:
@@ -122,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
             lora_deltas = stack.enter_context(CheckpointIndex(args.lora_file))
             deltas = deltas_from_file(lora_deltas, base, device)
         exporter = make_exporter(args, task_vector, base_dir)
-        staging = stack.enter_context(staged_output_dir(args.output_dir))
+        recorded_base = recorded_base_dir(base_dir, task_vector.metadata)  # the export reads the base τ records
+        check_output_dir(args.output_dir, inputs + ([recorded_base] if recorded_base else []), args.overwrite)
+        staging = stack.enter_context(staged_output_dir(args.output_dir, args.overwrite))
         with tensor_progress(count, "analyze", args.verbose) as step:
             intruders = (args.intruder_k, args.intruder_epsilon)
             analysis = analyze_files(deltas, task_vector, device, step, args.full_svd, known, exporter, base, intruders)

@@ -28,6 +28,7 @@ from common.cli import (
     add_residual_base,
     add_switch,
     base_parser,
+    folder_path,
     log,
     parse_with_config,
     require,
@@ -35,6 +36,7 @@ from common.cli import (
     run,
     setup_logging,
     tensor_progress,
+    tolerance,
 )
 from common.compare import compare_adapter
 from common.compare_report import (
@@ -65,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--task_vector_path", type=Path, default=None, help="task_vector.safetensors from step 2 (required)"
     )
-    parser.add_argument("--output_dir", type=Path, default=Path("comparison_results"), help="results folder")
-    parser.add_argument("--tolerance", type=float, default=1e-5, help="max |τ − Δ| allowed per element")
+    parser.add_argument("--output_dir", type=folder_path, default=Path("comparison_results"), help="results folder")
+    parser.add_argument("--tolerance", type=tolerance, default=1e-5, help="max |τ − Δ| allowed per element")
     add_switch(parser, "--json", "print the summary as JSON on stdout")
     add_residual_base(parser)
     add_logit_flags(parser)
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         check_output_dir(args.output_dir, inputs, args.overwrite)
         base = stack.enter_context(CheckpointIndex(base_dir)) if base_dir else None
         plan = plan_deltas(adapter, base, read_config(base_dir) if base_dir else {}, set(task_vector.names()))
-        staging = stack.enter_context(staged_output_dir(args.output_dir))
+        staging = stack.enter_context(staged_output_dir(args.output_dir, args.overwrite))
         deltas = stack.enter_context(SafetensorsWriter(staging / "lora_deltas.safetensors", plan.specs))
         step = stack.enter_context(tensor_progress(len(plan.specs), "compare", args.verbose))
         record = stats_beside(args.task_vector_path)

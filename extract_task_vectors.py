@@ -21,6 +21,7 @@ from common.cli import (
     add_switch,
     base_parser,
     byte_size,
+    folder_path,
     log,
     parse_with_config,
     require,
@@ -51,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__)
     parser.add_argument("--base_model", type=str, default=None, help="hub id or local folder of the base")
     parser.add_argument("--finetuned_model", type=str, default=None, help="merged model folder from step 1")
-    parser.add_argument("--output_dir", type=Path, default=Path("task_vectors"), help="folder for the task vector")
+    parser.add_argument(
+        "--output_dir", type=folder_path, default=Path("task_vectors"), help="folder for the task vector"
+    )
     parser.add_argument("--compute_dtype", default="fp32", choices=list(COMPUTE_DTYPES), help="dtype of τ")
     parser.add_argument("--shard_size", type=byte_size, default=None, help="write shards of this size (e.g. 2GB)")
     add_switch(parser, "--skip_unchanged", "leave out tensors whose τ is exactly zero (listed in the stats)")
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     with (
         CheckpointIndex(base_dir) as base,
         CheckpointIndex(finetuned_dir) as finetuned,
-        staged_output_dir(args.output_dir) as staging,
+        staged_output_dir(args.output_dir, args.overwrite) as staging,
     ):
         pairs, extraction = plan_extraction(base, finetuned, configs, args.allow_shape_mismatch)
         specs = task_vector_specs(base, pairs, compute_dtype)

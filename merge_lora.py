@@ -21,6 +21,7 @@ from common.cli import (
     add_overwrite,
     add_residual_base,
     base_parser,
+    folder_path,
     log,
     parse_with_config,
     peak_memory_gb,
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__)
     parser.add_argument("--base_model", default="bigcode/starcoder2-3b", help="hub id or local folder")
     parser.add_argument("--lora_path", default="checkpoint-40000/", help="adapter or checkpoint-N folder, or hub id")
-    parser.add_argument("--output_dir", type=Path, default=Path("merged_model"), help="merged model folder")
+    parser.add_argument("--output_dir", type=folder_path, default=Path("merged_model"), help="merged model folder")
     parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="dtype of the merged model")
     parser.add_argument(
         "--engine",
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     adapter = LoraAdapter(resolve_adapter(args.lora_path), base_dir, args.residual_base)
     check_output_dir(args.output_dir, [base_dir, adapter.folder], args.overwrite)
 
-    with CheckpointIndex(base_dir) as base, staged_output_dir(args.output_dir) as staging:
+    with CheckpointIndex(base_dir) as base, staged_output_dir(args.output_dir, args.overwrite) as staging:
         if args.engine == "peft":
             merge_with_peft(base_dir, adapter.folder, staging, precision, device)
             what = "merged with peft's merge_and_unload"

@@ -79,6 +79,35 @@ def byte_size(text: str) -> int:
     return size
 
 
+def folder_path(text: str) -> Path:
+    """An output folder: never empty (an unset shell variable would make it the working folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path (an unset shell variable?)")
+    return Path(text)
+
+
+def tolerance(text: str) -> float:
+    """An absolute tolerance: a finite number ≥ 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, not {text!r}")
+    return value
+
+
+def count_or_zero(text: str) -> int:
+    """A count that may be 0 (off): an integer ≥ 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, not {text!r}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """A rank, a count: a positive integer."""
     try:
@@ -234,11 +263,12 @@ def load_config(path: Path, parser: argparse.ArgumentParser) -> dict:
     for key, value in config.items():
         if key not in actions:
             raise UserError(f"--config {path}: unknown key {key!r} (known: {', '.join(sorted(actions))})")
+        if value is None:
+            raise UserError(f"--config {path}: {key} is empty (give it a value, or leave the key out)")
         _check_config_type(path, key, value, actions[key])
-    return {
-        k: (str(v) if isinstance(v, (int, float)) and actions[k].type in (str, byte_size) else v)
-        for k, v in config.items()
-    }
+    # As text, a value goes through the flag's own type when argparse applies the defaults: one validation for
+    # flags and YAML alike (a rank of -5, a tolerance of nan or an empty output path are refused either way).
+    return {k: v if isinstance(v, bool) else str(v) for k, v in config.items()}
 
 
 def _check_config_type(path: Path, key: str, value: object, action: argparse.Action) -> None:

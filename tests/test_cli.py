@@ -15,6 +15,9 @@ import pytest
 import torch
 from conftest import REPO, assert_user_error, run_main
 
+from common.errors import UserError
+from common.outputs import MARKER
+
 
 def merge_args(tiny, out, *extra):
     return ["--base_model", tiny.base, "--lora_path", tiny.adapter, "--output_dir", out, *extra]
@@ -103,12 +106,137 @@ def test_output_inside_an_input_is_refused(tiny):
 
 def test_existing_output_needs_overwrite(tiny, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    assert run_main("merge_lora.py", *merge_args(tiny, out)).returncode == 0
+    (out / "keep.txt").write_text("added to an output of ours")
     assert_user_error(run_main("merge_lora.py", *merge_args(tiny, out)), "--overwrite")
-    assert (out / "keep.txt").read_text() == "mine"
+    assert (out / "keep.txt").is_file()
     assert run_main("merge_lora.py", *merge_args(tiny, out, "--overwrite")).returncode == 0
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def test_overwrite_never_replaces_a_folder_the_toolkit_did_not_write(tiny, tmp_path):
+    """--overwrite replaces only outputs of this toolkit (they hold its marker file), not a user's own folder."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = run_main("merge_lora.py", *merge_args(tiny, out, "--overwrite"))
+    assert_user_error(result, "holds files this toolkit did not write", "choose another folder")
+    assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+
+
+def test_empty_output_path_is_refused(tiny, tmp_path, monkeypatch):
+    """`--output_dir "$UNSET"` is the working folder: refused, on the command line and in YAML, and the working
+    folder keeps its files even with --overwrite."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep.txt").write_text("mine")
+    result = run_main("merge_lora.py", "--base_model", tiny.base, "--lora_path", tiny.adapter, "--output_dir", "")
+    assert_user_error(result, "--output_dir", "empty path")
+    config = tmp_path / "c.yml"
+    for line in ('output_dir: ""', "output_dir:"):
+        config.write_text(f"base_model: {tiny.base}\nlora_path: {tiny.adapter}\n{line}\noverwrite: true\n")
+        result = run_main("merge_lora.py", "--config", config)
+        assert result.returncode == 2 and "output_dir" in result.stderr and "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yml", "keep.txt"]
+
+
+def test_overwrite_never_deletes_the_files_behind_symlinked_inputs(tiny, tmp_path):
+    """A hub cache snapshot's shards are links into blobs/: an output there would delete the real weights."""
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshot"
+    blobs.mkdir()
+    snapshot.mkdir()
+    for item in tiny.base.iterdir():
+        (blobs / item.name).write_bytes(item.read_bytes())
+        (snapshot / item.name).symlink_to(blobs / item.name)
+    (blobs / MARKER).write_text("a marker does not make an input an output")
+    before = checksums(blobs)
+    args = ["--base_model", snapshot, "--lora_path", tiny.adapter, "--output_dir", blobs, "--overwrite"]
+    assert_user_error(run_main("merge_lora.py", *args), "overlaps the input")
+    assert checksums(blobs) == before
+
+
+def test_a_run_whose_output_appeared_meanwhile_does_not_replace_it(tiny, tmp_path):
+    """Publication is exclusive: without --overwrite an output that appeared during the run is never replaced; with
+    it, the later run replaces it and says so."""
+    from common.outputs import staged_output_dir
+
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="another run .* put something there while this one ran"):
+        with staged_output_dir(out) as staging:
+            (staging / "ours.txt").write_text("later run")
+            assert run_main("merge_lora.py", *merge_args(tiny, out)).returncode == 0  # the other run publishes first
+    assert (out / "model.safetensors").is_file() and not (out / "ours.txt").exists()
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+    with staged_output_dir(out, overwrite=True) as staging:
+        (staging / "ours.txt").write_text("later run")
+        assert run_main("merge_lora.py", *merge_args(tiny, out, "--overwrite")).returncode == 0
+    assert (out / "ours.txt").is_file() and not (out / "model.safetensors").exists()
+
+
+def test_a_replaced_output_that_cannot_be_removed_is_named_and_the_new_one_is_complete(tmp_path, caplog, monkeypatch):
+    """A file of the old output the user may not delete (EACCES: simulated, since the tests may run as root)."""
+    import common.outputs
+
+    out, staging = tmp_path / "out", tmp_path / ".out.partial-x"
+    for folder, name in ((out, "old.txt"), (staging, "new.txt")):
+        folder.mkdir()
+        (folder / name).write_text(name)
+    replaced = tmp_path / ".out.replaced-x"
+
+    def refused(path):
+        raise PermissionError(13, "Permission denied", str(replaced / "old.txt"))
+
+    monkeypatch.setattr(common.outputs.shutil, "rmtree", refused)
+    with caplog.at_level("WARNING", logger="lora_tv"):
+        common.outputs.move_into_place(staging, out)
+    assert (out / "new.txt").read_text() == "new.txt" and (replaced / "old.txt").is_file()
+    assert f"{out} is complete" in caplog.text and f"moved to {replaced}" in caplog.text
+    assert f"{replaced / 'old.txt'}: Permission denied" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "line, fragment",
+    [
+        ("tolerance: -1", "--tolerance"),
+        ("tolerance: .nan", "--tolerance"),
+        ("base_model:", "base_model is empty"),
+    ],
+)
+def test_compare_config_values_are_validated_as_flags_are(tiny, tmp_path, line, fragment):
+    config = tmp_path / "c.yml"
+    config.write_text(f"lora_path: {tiny.adapter}\ntask_vector_path: {tmp_path / 'tv'}\n{line}\n")
+    result = run_main("compare_lora_task_vector.py", "--config", config, "--output_dir", tmp_path / "o")
+    assert_user_error(result, fragment)
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_invalid_tolerance_flag_is_refused(tiny, tmp_path, value):
+    args = ["--lora_path", tiny.adapter, "--task_vector_path", tmp_path / "tv", "--tolerance", value]
+    assert_user_error(run_main("compare_lora_task_vector.py", *args), "--tolerance", "finite number >= 0")
+
+
+@pytest.mark.parametrize(
+    "line, fragment",
+    [
+        ("export_lora: -5", "--export_lora"),
+        ("max_rank: -4", "--max_rank"),
+        ("export_lora_energy: 2.0", "--export_lora_energy"),
+        ("export_lora_energy: -0.5", "--export_lora_energy"),
+        ("intruder_epsilon: 7", "--intruder_epsilon"),
+        ("intruder_k: -3", "--intruder_k"),
+        ("export_lora: 0", "--export_lora"),
+        ("intruder_k:", "intruder_k is empty"),
+    ],
+)
+def test_analyze_config_values_are_validated_as_flags_are(tmp_path, line, fragment):
+    config = tmp_path / "c.yml"
+    config.write_text(f"task_vector_file: {tmp_path / 'tv.safetensors'}\n{line}\n")
+    result = run_main("analyze_lora_vs_task_vector_math.py", "--config", config, "--output_dir", tmp_path / "o")
+    assert_user_error(result, fragment)
+
+
+def test_negative_intruder_k_flag_is_refused(tmp_path):
+    args = ["--task_vector_file", tmp_path / "tv.safetensors", "--intruder_k", "-3"]
+    assert_user_error(run_main("analyze_lora_vs_task_vector_math.py", *args), "--intruder_k", "integer >= 0")
 
 
 def checksums(folder):
@@ -141,3 +269,12 @@ def test_help_works_for_every_script(help_runs):
     for script, process in help_runs.items():
         stdout, _ = process.communicate(timeout=300)
         assert process.returncode == 0 and "--device" in stdout, script
+
+
+def test_analyze_export_never_writes_over_the_base_tau_records(tiny, tmp_path, pipeline):
+    """The export reads the base τ's header records: that folder is an input, so it can never be the output."""
+    before = checksums(tiny.base)
+    args = ["--task_vector_file", pipeline("fp32").task_vector_file, "--export_lora", "4", "--skip_plots"]
+    result = run_main("analyze_lora_vs_task_vector_math.py", *args, "--output_dir", tiny.base, "--overwrite")
+    assert_user_error(result, "overlaps the input", str(tiny.base))
+    assert checksums(tiny.base) == before
