@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.info(line)
         else:
             task_vector = stack.enter_context(CheckpointIndex(args.task_vector_file))
-            known = stats_beside(args.task_vector_file).status
+            known = stats_beside(task_vector, args.task_vector_file).status
         deltas, count = None, len(task_vector)
         if adapter is not None:
             stack.callback(adapter.close)

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         staging = stack.enter_context(staged_output_dir(args.output_dir, args.overwrite))
         deltas = stack.enter_context(SafetensorsWriter(staging / "lora_deltas.safetensors", plan.specs))
         step = stack.enter_context(tensor_progress(len(plan.specs), "compare", args.verbose))
-        record = stats_beside(args.task_vector_path)
+        record = stats_beside(task_vector, args.task_vector_path)
         comparison = compare_adapter(
             adapter, plan, task_vector, deltas, device, args.tolerance, base, record, step, args.base_model
         )

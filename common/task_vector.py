@@ -11,6 +11,7 @@ Every tensor is classified without thresholds:
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -25,6 +26,8 @@ from common.finite import count_in_checkpoint, json_number, strict_json
 from common.model_layout import HEAD, tied_embedding
 from common.precision import is_rounding_artifact_of_delta, short_name
 from common.safetensors_io import CHUNK_BYTES, CheckpointIndex, Scratch, ShardedWriter, TensorSpec, iter_row_chunks
+
+log = logging.getLogger("lora_tv")
 
 STATS_FILE = "task_vector_stats.json"
 
@@ -392,10 +395,43 @@ class ExtractionRecord:
     base_max_abs: dict[str, float] = field(default_factory=dict)
 
 
-def stats_beside(task_vector_path: Path) -> ExtractionRecord:
-    """The extraction's record of each tensor, from the stats file beside a task vector (empty if none)."""
+FINGERPRINTS = ("base_fingerprint", "finetuned_fingerprint")  # in τ's header and the stats file's summary
+
+
+def stats_beside(task_vector: CheckpointIndex, task_vector_path: Path) -> ExtractionRecord:
+    """The extraction's record of each tensor, from the stats file beside a task vector (empty if none), used only
+    when it is proven to be this τ's: both files record the same two models (model_layout.fingerprint). A stats file
+    of another extraction is refused; one that cannot be told (written without fingerprints) is not used, and the
+    statuses are read off τ instead."""
     folder = task_vector_path if task_vector_path.is_dir() else task_vector_path.parent
-    return read_stats(folder / STATS_FILE)
+    path = folder / STATS_FILE
+    if not path.is_file():
+        return ExtractionRecord()
+    summary = _stats_summary(path)
+    recorded = {key: (task_vector.metadata.get(key), summary.get(key)) for key in FINGERPRINTS}
+    if all(a and b for a, b in recorded.values()):
+        if any(a != b for a, b in recorded.values()):
+            ours, theirs = (" / ".join(str(pair[i]) for pair in recorded.values()) for i in (0, 1))
+            raise UserError(
+                f"{path} belongs to another extraction than {task_vector.source} (their models' fingerprints: "
+                f"{theirs} against {ours}): a stale stats file? Extract again, or remove it"
+            )
+        return read_stats(path)
+    log.warning(
+        f"note: {path} cannot be shown to belong to {task_vector.source} (no model fingerprints in one of them): "
+        "not used; each tensor's status is read off τ"
+    )
+    return ExtractionRecord()
+
+
+def _stats_summary(path: Path) -> dict:
+    try:
+        summary = json.loads(path.read_text()).get("summary")
+    except (ValueError, RecursionError, AttributeError) as e:  # ValueError: invalid JSON or UTF-8
+        raise UserError(f"{path}: not a task_vector_stats.json ({e})") from None
+    if not isinstance(summary, dict):
+        raise UserError(f"{path}: not a task_vector_stats.json (no summary)")
+    return summary
 
 
 def read_stats(path: Path) -> ExtractionRecord:

@@ -147,3 +147,53 @@ def test_lora_delta_in_float64_is_scaling_b_a(rows):
     a, b = torch.randn(4, 6), torch.randn(rows, 4)
     target = LoraTarget("m", "m.weight", "a", "b", rank=4, alpha=8, scaling=2.0, fan_in_fan_out=False, shape=(rows, 6))
     assert torch.equal(lora_delta(target, a, b, torch.float64), (b.double() @ a.double()) * 2.0)
+
+
+@pytest.fixture(scope="module")
+def tau_with_a_changed_mlp(tiny, pipeline, tmp_path_factory):
+    """τ of the fp32 merge with one MLP weight changed as well: compare must say changes_outside_adapter."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("mlp_changed")
+    merged = root / "merged"
+    shutil.copytree(pipeline("fp32").merged, merged)
+    name = "model.layers.0.mlp.c_fc.weight"
+    for shard in merged.glob("*.safetensors"):
+        tensors = load_file(shard)
+        if name in tensors:
+            tensors[name] = tensors[name] + 0.01
+            save_file(tensors, shard, metadata={"format": "pt"})
+    args = ["--base_model", tiny.base, "--finetuned_model", merged, "--output_dir", root / "tv", "--device", "cpu"]
+    assert run_main("extract_task_vectors.py", *args).returncode == 0
+    return root / "tv"
+
+
+def test_a_stale_stats_file_never_makes_a_verdict(tiny, tmp_path, pipeline, tau_with_a_changed_mlp):
+    """An older task_vector_stats.json beside a new τ (issue: compare said `equivalent`, exit 0, and analyze
+    "reproduces 100%"): refused in one line naming both files, with and without the base."""
+    tv = tmp_path / "tv"
+    shutil.copytree(tau_with_a_changed_mlp, tv)
+    result, report, _ = compare(tiny, tmp_path, tv / "task_vector.safetensors")
+    assert result.returncode == 1 and report["summary"]["cause"] == "changes_outside_adapter"
+    shutil.copy(pipeline("fp32").task_vectors / "task_vector_stats.json", tv)  # the older extraction's stats
+    for extra in ([], ["--base_model", tiny.base]):
+        result, _, _ = compare(tiny, tmp_path, tv / "task_vector.safetensors", *extra, "--overwrite")
+        assert_user_error(result, str(tv / "task_vector_stats.json"), "belongs to another extraction", "stale")
+    args = ["--task_vector_file", tv / "task_vector.safetensors", "--output_dir", tmp_path / "a", "--skip_plots"]
+    result = run_main("analyze_lora_vs_task_vector_math.py", *args, "--lora_path", tiny.adapter)
+    assert_user_error(result, "belongs to another extraction")
+
+
+def test_a_stats_file_without_fingerprints_is_not_used(tiny, tmp_path, tau_with_a_changed_mlp):
+    """A stats file that cannot be shown to be τ's (no fingerprints) is set aside: statuses are read off τ."""
+    tv = tmp_path / "tv"
+    shutil.copytree(tau_with_a_changed_mlp, tv)
+    stats = json.loads((tv / "task_vector_stats.json").read_text())
+    for key in ("base_fingerprint", "finetuned_fingerprint"):
+        del stats["summary"][key]
+    for entry in stats["tensors"]:
+        entry["status"] = "unchanged"  # what a stale file could claim
+    (tv / "task_vector_stats.json").write_text(json.dumps(stats))
+    result, report, _ = compare(tiny, tmp_path, tv / "task_vector.safetensors", "--base_model", tiny.base)
+    assert result.returncode == 1 and report["summary"]["cause"] == "changes_outside_adapter"
+    assert "cannot be shown to belong to" in result.stdout
