@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import math
 import os
 import stat
@@ -22,6 +23,8 @@ from typing import BinaryIO, Self
 import torch
 
 from common.errors import UserError, shorten
+
+log = logging.getLogger("lora_tv")
 
 # safetensors' dtype names; those this torch lacks (uint16/32/64 came in torch 2.3) are left out, and a file
 # holding one is refused as an unknown dtype.
@@ -45,6 +48,7 @@ _DTYPE_NAMES = {
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, t) for name, t in _DTYPE_NAMES.items() if hasattr(torch, t)}
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"  # transformers reads it, when present, before any index
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 # Row chunks of 4 MB: a chunk's reads and arithmetic stay in the CPU caches (subtracting the 604 MB embedding
 # in 4 MB chunks took 0.14 s against 0.29 s in 64 MB ones), and buffers stay small.
@@ -201,10 +205,17 @@ class CheckpointIndex:
         self.source = Path(source)
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict[str, str] = {}
-        for shard in _shard_paths(self.source):
+        shards, weight_map = _shard_paths(self.source)
+        for shard in shards:
             tensors, metadata = read_header(shard)
-            self.tensors.update(tensors)
+            for name, info in tensors.items():
+                if name in self.tensors:
+                    first = self.tensors[name].path.name
+                    raise UserError(f"{self.source}: tensor {name} is in two files ({first} and {shard.name})")
+                self.tensors[name] = info
             self.metadata.update(metadata)
+        if weight_map is not None:
+            _check_index(self.source, weight_map, self.tensors)
         self._files: dict[Path, BinaryIO] = {}
 
     def __contains__(self, name: str) -> bool:
@@ -263,23 +274,34 @@ class CheckpointIndex:
         self.close()
 
 
-def _shard_paths(source: Path) -> list[Path]:
-    """The safetensors files of a checkpoint: a file, an index json, or a folder (with or without an index)."""
+def _shard_paths(source: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files of a checkpoint (a file, an index json, or a folder with or without an index) and the
+    index's weight map when there is one. A folder holding model.safetensors is read from that file alone, as
+    transformers loads it, even beside an index and its shards (said)."""
     if source.is_file():
-        return _indexed_shards(source) if source.name.endswith(".index.json") else [source]
+        return _indexed_shards(source) if source.name.endswith(".index.json") else ([source], None)
     if not source.is_dir():
         raise UserError(f"{source}: no such file or folder")
     indexes = sorted(source.glob("*.safetensors.index.json"))
+    single = source / SINGLE_FILE
+    if single.is_file():
+        others = [p.name for p in sorted(source.glob("*.safetensors")) if p != single] + [p.name for p in indexes]
+        if others:
+            listing = ", ".join(others[:3]) + (" ..." if len(others) > 3 else "")
+            log.warning(
+                f"note: {source} holds {SINGLE_FILE} and {listing}: {SINGLE_FILE} is read, as transformers reads it"
+            )
+        return [single], None
     if (source / INDEX_FILE).is_file() or len(indexes) == 1:
         return _indexed_shards(source / INDEX_FILE if (source / INDEX_FILE).is_file() else indexes[0])
     shards = sorted(source.glob("*.safetensors"))
     if not shards:
         found = "only .bin weights" if any(source.glob("*.bin")) else "no weights"
         raise UserError(f"{source}: {found} (a folder of *.safetensors files is needed)")
-    return shards
+    return shards, None
 
 
-def _indexed_shards(index_path: Path) -> list[Path]:
+def _indexed_shards(index_path: Path) -> tuple[list[Path], dict[str, str]]:
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
         shard_names = sorted(set(weight_map.values()))
@@ -291,7 +313,23 @@ def _indexed_shards(index_path: Path) -> list[Path]:
     missing = [str(p.name) for p in shards if not p.is_file()]
     if missing:
         raise UserError(f"{index_path}: shard files missing: {', '.join(missing[:3])}")
-    return shards
+    return shards, weight_map
+
+
+def _check_index(source: Path, weight_map: dict[str, str], tensors: dict[str, TensorInfo]) -> None:
+    """The index and its shards must agree: every tensor it lists in the file it names, and no other tensor."""
+    misplaced = [n for n, file in weight_map.items() if n not in tensors or tensors[n].path.name != file]
+    if misplaced:
+        name = misplaced[0]
+        where = f"it is in {tensors[name].path.name}" if name in tensors else "no shard holds it"
+        more = f" (and {len(misplaced) - 1} more)" if len(misplaced) > 1 else ""
+        raise UserError(f"{source}: the index lists {name} in {weight_map[name]}, but {where}{more}")
+    unlisted = [n for n in tensors if n not in weight_map]
+    if unlisted:
+        more = f" (and {len(unlisted) - 1} more)" if len(unlisted) > 1 else ""
+        raise UserError(
+            f"{source}: {tensors[unlisted[0]].path.name} holds {unlisted[0]}, which the index does not list{more}"
+        )
 
 
 @dataclass(frozen=True)

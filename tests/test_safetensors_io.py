@@ -505,17 +505,18 @@ def test_index_json_naming_a_missing_shard_is_a_user_error(tiny, tmp_path):
     [
         pytest.param(b"{", id="invalid-json"),
         pytest.param(b"{}", id="no-weight-map"),
-        pytest.param(b'{"weight_map": ["model.safetensors"]}', id="weight-map-a-list"),
-        pytest.param(b'{"weight_map": {"a": "model\xff.safetensors"}}', id="not-utf8"),
+        pytest.param(b'{"weight_map": ["shard.safetensors"]}', id="weight-map-a-list"),
+        pytest.param(b'{"weight_map": {"a": "shard\xff.safetensors"}}', id="not-utf8"),
         pytest.param(b'{"weight_map": {"a": 5}}', id="file-name-not-a-string"),
-        pytest.param(b'{"weight_map": {"a": "model.safetensors", "b": 5}}', id="file-names-of-mixed-types"),
-        pytest.param(b'{"weight_map": {"a": ["model.safetensors"]}}', id="file-name-a-list"),
+        pytest.param(b'{"weight_map": {"a": "shard.safetensors", "b": 5}}', id="file-names-of-mixed-types"),
+        pytest.param(b'{"weight_map": {"a": ["shard.safetensors"]}}', id="file-name-a-list"),
         pytest.param(b'{"weight_map": ' * 100_000, id="deeply-nested"),
-        pytest.param(b'{"weight_map": {"a": "../model.safetensors"}}', id="file-outside-the-folder"),
+        pytest.param(b'{"weight_map": {"a": "../shard.safetensors"}}', id="file-outside-the-folder"),
     ],
 )
 def test_corrupt_index_json_is_a_user_error(tmp_path, text):
-    save_file({"a": torch.ones(2)}, tmp_path / "model.safetensors")
+    """(A shard not named model.safetensors: that file alone would be read, as transformers reads it.)"""
+    save_file({"a": torch.ones(2)}, tmp_path / "shard.safetensors")
     (tmp_path / INDEX_FILE).write_bytes(text)
     with pytest.raises(UserError) as error:
         CheckpointIndex(tmp_path)
@@ -671,3 +672,52 @@ def test_reading_does_not_memory_map_the_checkpoint(tmp_path):
     with safe_open(path, framework="pt") as f:
         f.get_tensor("w")
         assert mapped(path)
+
+
+def _sharded(
+    folder: Path, shards: dict[str, dict[str, torch.Tensor]], weight_map: dict[str, str] | None = None
+) -> Path:
+    """A checkpoint folder written with safetensors' own writer, and its index (`weight_map`, else the true one)."""
+    folder.mkdir()
+    true_map = {}
+    for file, tensors in shards.items():
+        save_file(tensors, folder / file, metadata={"format": "pt"})
+        true_map |= dict.fromkeys(tensors, file)
+    index = {"metadata": {}, "weight_map": true_map if weight_map is None else weight_map}
+    (folder / INDEX_FILE).write_text(json.dumps(index))
+    return folder
+
+
+def test_an_index_listing_a_tensor_no_shard_holds_is_refused(tmp_path):
+    a, b = torch.zeros(2), torch.ones(3)
+    folder = _sharded(tmp_path / "m", {"s1.safetensors": {"a": a}}, {"a": "s1.safetensors", "b": "s1.safetensors"})
+    with pytest.raises(UserError, match="the index lists b in s1.safetensors, but no shard holds it"):
+        CheckpointIndex(folder)
+    folder = _sharded(tmp_path / "n", {"s1.safetensors": {"a": a, "b": b}}, {"a": "s1.safetensors"})
+    with pytest.raises(UserError, match="s1.safetensors holds b, which the index does not list"):
+        CheckpointIndex(folder)
+
+
+def test_a_tensor_in_two_shards_is_refused(tmp_path):
+    shards = {"s1.safetensors": {"a": torch.zeros(2)}, "s2.safetensors": {"a": torch.ones(2), "b": torch.ones(1)}}
+    folder = _sharded(tmp_path / "m", shards, {"a": "s1.safetensors", "b": "s2.safetensors"})
+    with pytest.raises(UserError, match="tensor a is in two files"):
+        CheckpointIndex(folder)
+
+
+def test_a_stray_single_file_beside_an_index_is_read_as_transformers_reads_it(tmp_path, caplog):
+    """transformers loads model.safetensors before any index: so do we, and say so."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "m"
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=16))
+    model.save_pretrained(folder, max_shard_size="4KB")
+    assert (folder / INDEX_FILE).is_file()
+    stray = {k: torch.full_like(v, 7.0) for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(stray, folder / "model.safetensors", metadata={"format": "pt"})
+    loaded = GPT2LMHeadModel.from_pretrained(folder).state_dict()
+    with caplog.at_level("WARNING", logger="lora_tv"), CheckpointIndex(folder) as index:
+        assert set(index.names()) == set(stray)
+        for name in index.names():
+            assert torch.equal(index.read(name), loaded[name]), name
+    assert "model.safetensors is read, as transformers reads it" in caplog.text
