@@ -214,6 +214,8 @@ def setup_logging(verbose: bool, to_stderr: bool = False) -> None:
     """Messages on stdout (stderr when stdout carries machine-readable output), per tensor with --verbose."""
     level = logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr if to_stderr else sys.stdout, force=True)
+    # bitsandbytes warns at import, on CPUs with AVX512-BF16, that an optional kernel package is missing: not ours.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def resolve_device(requested: str | None):
@@ -251,9 +253,12 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -
 def load_config(path: Path, parser: argparse.ArgumentParser) -> dict:
     """A YAML mapping of flag names to values (yaml.safe_load only), checked against the parser."""
     try:
-        config = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8-sig")
+        config = yaml.safe_load(text)
     except FileNotFoundError:
         raise UserError(f"--config {path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"--config {path}: not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8") from None
     except yaml.YAMLError as e:
         raise UserError(f"--config {path}: invalid YAML ({str(e).splitlines()[0]})") from None
     config = config or {}

@@ -15,9 +15,6 @@ Per prompt and over all positions:
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +23,7 @@ import torch
 from common.errors import UserError
 from common.model_layout import fingerprint, read_config
 from common.precision import short_name
+from common.quiet import quiet_libraries
 from common.safetensors_io import CheckpointIndex
 from common.sources import resolve_model
 
@@ -142,30 +140,13 @@ def _tokenizer(folder: Path):
     try:
         if not any((folder / name).is_file() for name in TOKENIZER_FILES):
             raise OSError
-        with _quiet():
+        with quiet_libraries():
             return AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, TypeError):
         raise UserError(
             f"--prompts needs the base's tokenizer, and {folder} has none: leave out --prompts (the default "
             "sequences need no tokenizer) or give a base folder with its tokenizer"
         ) from None
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """transformers' and peft's warnings and progress bars while loading (the figures are the output here)."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
 
 
 def load_reference(base_dir: Path, adapter_dir: Path, reference: Reference, device: torch.device):
@@ -176,7 +157,7 @@ def load_reference(base_dir: Path, adapter_dir: Path, reference: Reference, devi
     if reference.quant_type is not None:
         quantization = _bnb_config(reference)
     base = _load(base_dir, reference.precision, device, quantization)
-    with _quiet():
+    with quiet_libraries():
         return PeftModel.from_pretrained(base, adapter_dir).eval()
 
 
@@ -203,7 +184,7 @@ def _load(folder: Path, dtype: torch.dtype, device: torch.device, quantization):
     from transformers import AutoModelForCausalLM
 
     try:
-        with _quiet():
+        with quiet_libraries():
             return AutoModelForCausalLM.from_pretrained(
                 folder, dtype=dtype, device_map={"": str(device)}, quantization_config=quantization
             )

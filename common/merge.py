@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,10 +27,12 @@ from pathlib import Path
 import torch
 
 from common.adapter import Change, LoraAdapter
+from common.errors import UserError
 from common.finite import all_finite, non_finite_merge
 from common.lora import apply_changes
 from common.merge_plan import plan_merge
 from common.precision import short_name
+from common.quiet import quiet_libraries
 from common.safetensors_io import CHUNK_BYTES, CheckpointIndex, Scratch, ShardedWriter, TensorSpec, iter_row_chunks
 
 log = logging.getLogger("lora_tv")
@@ -175,9 +179,21 @@ def merge_with_peft(
 ) -> None:
     """The reference path: transformers load, `PeftModel.from_pretrained`, `merge_and_unload`, `save_pretrained`."""
     from peft import PeftModel
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=precision).to(device)
-    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    merged.save_pretrained(out_dir)
+    with quiet_libraries():
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=precision).to(device)
+        try:
+            merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+        except (ValueError, KeyError, RuntimeError) as e:  # peft's own refusals of an adapter that does not fit
+            why = f"it looks for {e.args[0]}, which the adapter's files do not hold" if isinstance(e, KeyError) else e
+            raise UserError(f"--engine peft: peft cannot merge {adapter_dir} into {base_dir}: {why}") from None
+        try:
+            merged.save_pretrained(out_dir)
+        except SafetensorError as e:  # safetensors reports an OS error as its own: give it back its errno
+            code = re.search(r"os error (\d+)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code[1]), os.strerror(int(code[1])), str(out_dir / "model.safetensors")) from e
     copy_side_files(base_dir, adapter_dir, out_dir, TOKENIZER_FILES)

@@ -34,6 +34,7 @@ from common.adapter import (
 )
 from common.errors import UserError
 from common.model_layout import EMBEDDING_SUFFIXES, HEAD, kept_in_fp32, tied_embedding
+from common.precision import short_name
 from common.safetensors_io import CheckpointIndex, TensorSpec
 
 HEAD_SUFFIXES = ("lm_head.weight", "lm_head.bias", "embed_out.weight", "embed_out.bias")
@@ -92,6 +93,13 @@ def plan_merge(base: CheckpointIndex, adapter: LoraAdapter, precision: torch.dty
         sources[HEAD] = embedding
     elif embedding is not None:
         changes.pop(HEAD, None)  # still tied: the head is the embedding, written once
+    for name, source in sources.items():
+        stored = base.info(source).dtype
+        if changes.get(name) and not stored.is_floating_point:
+            raise UserError(
+                f"base model {base.source}: {source} is stored as {short_name(stored)}, and the adapter changes it: "
+                "only floating-point weights can be merged (a quantized base? merge into the unquantized one)"
+            )
     kept_fp32 = kept_in_fp32(config, precision)
     specs = [
         TensorSpec(out, merged_dtype(out, base.info(src).dtype, precision, kept_fp32), fit.shapes[out])

@@ -278,3 +278,19 @@ def test_analyze_export_never_writes_over_the_base_tau_records(tiny, tmp_path, p
     result = run_main("analyze_lora_vs_task_vector_math.py", *args, "--output_dir", tiny.base, "--overwrite")
     assert_user_error(result, "overlaps the input", str(tiny.base))
     assert checksums(tiny.base) == before
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "latin-1"])
+def test_a_config_file_not_in_utf8_is_one_line(tiny, tmp_path, encoding):
+    config = tmp_path / "c.yml"
+    config.write_bytes(f"base_model: {tiny.base}\nfinetuned_model: café\n".encode(encoding))
+    result = run_main("extract_task_vectors.py", "--config", config, "--output_dir", tmp_path / "o")
+    assert_user_error(result, f"--config {config}: not UTF-8 text", "save it as UTF-8")
+
+
+def test_a_number_where_a_regex_goes_is_read_as_the_flag_reads_it(tmp_path, pipeline):
+    """`export_include: 5` in YAML is the regex "5", as `--export_include 5` is: nothing matches, one line."""
+    config = tmp_path / "c.yml"
+    config.write_text(f"task_vector_file: {pipeline('fp32').task_vector_file}\nexport_lora: 4\nexport_include: 5\n")
+    result = run_main("analyze_lora_vs_task_vector_math.py", "--config", config, "--output_dir", tmp_path / "o")
+    assert_user_error(result, "--export_lora: no tensor to export")

@@ -188,6 +188,21 @@ def no_weights(i: Inputs, with_bin: bool = False) -> Path:
     return folder
 
 
+def adapter_with_config(i: Inputs, **changes) -> Path:
+    return edit_json(i.adapter_copy() / "adapter_config.json", **changes).parent
+
+
+def integer_weights(i: Inputs) -> Path:
+    """The base with an adapted weight stored as int8 and another as bool (safetensors' own writer)."""
+    base = i.copy(i.base, "int_base")
+    for path in base.glob("*.safetensors"):
+        tensors = load_file(path)
+        for name in [n for n in tensors if n.startswith("model.layers.0.self_attn.") and n.endswith("proj.weight")]:
+            tensors[name] = (tensors[name] * 1000).to(torch.int8) if "q_proj" in name else tensors[name] > 0
+        save_file(tensors, path, metadata={"format": "pt"})
+    return base
+
+
 def merge(i: Inputs, base: Path | None = None, adapter: Path | None = None) -> list:
     return ["--base_model", base or i.base, "--lora_path", adapter or i.adapter, "--output_dir", i.out]
 
@@ -547,6 +562,42 @@ CASES = [
             "the unfinished output was removed",
         ),
         wrap=with_file_size_limit,
+    ),
+    Case(
+        "peft-engine-disk-full",
+        MERGE,
+        lambda i: [*merge(i)[:-1], on_disk(i), "--engine", "peft"],
+        lambda i: (
+            "writing",
+            "disk/out/model.safetensors",
+            "No space left on device",
+            "the unfinished output was removed",
+        ),
+        wrap=on_small_filesystem,
+    ),
+    Case(
+        "peft-engine-target-modules-match-nothing",
+        MERGE,
+        lambda i: (
+            merge(i, adapter=edit_json(i.adapter_copy() / "adapter_config.json", target_modules=["nope"]).parent)
+            + ["--engine", "peft"]
+        ),
+        lambda i: ("--engine peft: peft cannot merge", "Target modules {'nope'} not found in the base model"),
+    ),
+    Case(
+        "peft-engine-modules-to-save-without-copy",
+        MERGE,
+        lambda i: (
+            merge(i, adapter=edit_json(i.adapter_copy() / "adapter_config.json", modules_to_save=["lm_head"]).parent)
+            + ["--engine", "peft"]
+        ),
+        lambda i: ("--engine peft: peft cannot merge", "it looks for base_model.model.lm_head.weight"),
+    ),
+    Case(
+        "int8-and-bool-adapted-weights",
+        MERGE,
+        lambda i: merge(i, base=integer_weights(i)),
+        lambda i: ("q_proj.weight is stored as int8, and the adapter changes it", "only floating-point weights"),
     ),
 ]
 IDS = [f"{case.script.split('_')[0]}-{case.id}" for case in CASES]
