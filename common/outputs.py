@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from common.errors import UserError
+from common.safetensors_io import check_inputs_unchanged
 
 log = logging.getLogger("lora_tv")
 # Errors that say the disk, not the program, could not take the output.
@@ -85,6 +86,7 @@ def staged_output_dir(output_dir: Path, overwrite: bool = False) -> Iterator[Pat
     try:
         (staging / MARKER).write_text(MARKER_TEXT)
         yield staging
+        check_inputs_unchanged()
         with signals_held():
             publish(staging, output_dir, overwrite, found_at_start)
     except OSError as e:

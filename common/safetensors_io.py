@@ -15,6 +15,7 @@ import math
 import os
 import stat
 import struct
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,17 +78,19 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
-def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and validate a safetensors header: tensors by name (in file order) and metadata.
+def read_header(path: Path, opened: BinaryIO | None = None) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header: tensors by name (in file order) and metadata; from the file
+    `opened` (at its start) when given, else opened here.
 
     Every shape is checked against the bytes the file holds before anything is allocated, so a forged
     shape is refused here, not met as a huge allocation later.
     """
-    status = path.stat()
+    status = os.fstat(opened.fileno()) if opened is not None else path.stat()
     if not stat.S_ISREG(status.st_mode):
         raise UserError(f"{path}: not a regular file")
     size = status.st_size
-    with open(path, "rb") as f:
+    with contextlib.nullcontext(opened) if opened is not None else open(path, "rb") as f:
+        f.seek(0)
         raw_len = f.read(8)
         if len(raw_len) < 8:
             raise UserError(f"{path}: not a safetensors file (shorter than 8 bytes)")
@@ -128,6 +131,8 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> Tenso
         and all(type(d) is int and 0 <= d <= MAX_DIMENSION for d in (*shape, *offsets))
     ):
         raise UserError(f"{path}: tensor {name!r} has a malformed shape or data_offsets")
+    if math.prod(max(d, 1) for d in shape[1:]) > MAX_DIMENSION:  # torch's largest stride, even of an empty tensor
+        raise UserError(f"{path}: tensor {name!r} has strides past torch's int64 ({shorten(str(shape))})")
     info = TensorInfo(name, path, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
     if info.nbytes != info.numel * dtype.itemsize:
         raise UserError(
@@ -206,8 +211,17 @@ class CheckpointIndex:
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict[str, str] = {}
         shards, weight_map = _shard_paths(self.source)
+        self._files: dict[Path, BinaryIO] = {}
+        self._opened: dict[Path, tuple[int, ...]] = {}
+        _OPEN.add(self)
         for shard in shards:
-            tensors, metadata = read_header(shard)
+            # Every file is opened now and read through that descriptor only: a file replaced later (a merge
+            # with --overwrite finishing) cannot mix into this run; check_unchanged says so before publishing.
+            if not shard.is_file():
+                raise UserError(f"{shard}: not a regular file")
+            self._files[shard] = open(shard, "rb", buffering=0)
+            self._opened[shard] = _signature(os.fstat(self._files[shard].fileno()))
+            tensors, metadata = read_header(shard, self._files[shard])
             for name, info in tensors.items():
                 if name in self.tensors:
                     first = self.tensors[name].path.name
@@ -216,7 +230,6 @@ class CheckpointIndex:
             self.metadata.update(metadata)
         if weight_map is not None:
             _check_index(self.source, weight_map, self.tensors)
-        self._files: dict[Path, BinaryIO] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -259,19 +272,45 @@ class CheckpointIndex:
 
     def _file(self, path: Path) -> BinaryIO:
         if path not in self._files:
-            self._files[path] = open(path, "rb", buffering=0)
+            raise ValueError(f"{self.source} is closed")
         return self._files[path]
+
+    def check_unchanged(self) -> None:
+        """Refuse a run during which a file of this checkpoint was replaced, removed or rewritten: what the run
+        computed no longer describes what the path holds."""
+        for path, f in self._files.items():
+            try:
+                now = _signature(os.stat(path))
+            except FileNotFoundError:
+                now = None
+            if now != self._opened[path] or _signature(os.fstat(f.fileno())) != self._opened[path]:
+                raise UserError(f"{path}: input changed during the run (replaced, removed or rewritten); run again")
 
     def close(self) -> None:
         for f in self._files.values():
             f.close()
         self._files.clear()
+        _OPEN.discard(self)
 
     def __enter__(self) -> CheckpointIndex:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_OPEN: weakref.WeakSet[CheckpointIndex] = weakref.WeakSet()  # the checkpoints a run is reading
+
+
+def _signature(status: os.stat_result) -> tuple[int, ...]:
+    """What changes when a file is replaced (device, inode) or rewritten (size, modification time)."""
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
+
+
+def check_inputs_unchanged() -> None:
+    """CheckpointIndex.check_unchanged for every checkpoint still open: called before an output is published."""
+    for checkpoint in list(_OPEN):
+        checkpoint.check_unchanged()
 
 
 def _shard_paths(source: Path) -> tuple[list[Path], dict[str, str] | None]:

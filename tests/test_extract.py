@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -252,3 +253,43 @@ def test_negative_zero_differences_are_kept_and_zero_tensors_are_holes(tmp_path)
     assert tau["b.weight"][0, 0].signbit() and torch.equal(tau["b.weight"], finetuned["b.weight"] - base["b.weight"])
     assert not torch.count_nonzero(tau["a.weight"].view(torch.int32))
     assert path.stat().st_blocks * 512 < path.stat().st_size - 1024 * 1024  # a.weight (2 MiB) is a hole
+
+
+@pytest.mark.parametrize("how", ["replaced", "rewritten", "removed"])
+def test_an_input_changed_during_the_run_is_refused(tiny, tmp_path, pipeline, monkeypatch, how):
+    """A merge with --overwrite finishing while extract reads the finetuned model: the τ would mix two models.
+    Every file is read through the descriptor opened at the start, and checked before the output is published."""
+    import extract_task_vectors
+
+    finetuned = tmp_path / "finetuned"
+    shutil.copytree(pipeline("fp32").merged, finetuned)
+    shard = sorted(finetuned.glob("*.safetensors"))[-1]
+    original = extract_task_vectors.extract_task_vector
+
+    def change_then_extract(*args, **kwargs):
+        if how == "replaced":  # as a publishing merge does: a new file renamed over the old one
+            replacement = tmp_path / "new.safetensors"
+            shutil.copyfile(shard, replacement)
+            os.replace(replacement, shard)
+        elif how == "rewritten":
+            with open(shard, "r+b") as f:
+                f.seek(-4, os.SEEK_END)
+                f.write(b"\x00\x00\x80\x7f")
+        else:
+            shard.unlink()
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(extract_task_vectors, "extract_task_vector", change_then_extract)
+    args = [
+        "--base_model",
+        tiny.base,
+        "--finetuned_model",
+        finetuned,
+        "--output_dir",
+        tmp_path / "tv",
+        "--device",
+        "cpu",
+    ]
+    result = run_main("extract_task_vectors.py", *args)
+    assert_user_error(result, str(shard), "input changed during the run")
+    assert not (tmp_path / "tv").exists() and not list(tmp_path.glob(".tv.*"))

@@ -333,3 +333,11 @@ def test_forged_adapter_tensors_are_refused_or_merged(tiny, tmp_path_factory, te
         event("refused")
     finally:
         shutil.rmtree(folder)
+
+
+def test_an_empty_tensor_whose_strides_overflow_is_refused(tmp_path):
+    """[0, 2, 2**62] holds no bytes, but torch cannot even make it (its first stride is 2**63): one line."""
+    path = tmp_path / "empty.safetensors"
+    path.write_bytes(raw_file({"dtype": "F16", "shape": [0, 2, 2**62], "data_offsets": [0, 0]}))
+    with pytest.raises(UserError, match="strides past torch's int64"):
+        CheckpointIndex(path)
