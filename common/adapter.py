@@ -20,6 +20,7 @@ redone exactly (`LoraTarget.init`); the ones peft cannot redo deterministically 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -28,8 +29,9 @@ from pathlib import Path
 
 import torch
 
-from common.adapter_config import base_rewriting_init, read_adapter_config
-from common.errors import UserError
+from common.adapter_config import base_rewriting_init, read_adapter_config, targets
+from common.errors import UserError, shorten
+from common.model_layout import EMBEDDING_SUFFIXES, HEAD, read_config, tied_embedding
 from common.precision import short_name
 from common.safetensors_io import CheckpointIndex
 
@@ -37,6 +39,8 @@ CONFIG_FILE = "adapter_config.json"
 ADAPTER_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 PREFIX = "base_model.model."
 log = logging.getLogger("lora_tv")
+UNTRAINED_FACTORS = "random or weight-moving initial factors"
+LAYER, EMBEDDING_MODULE, OTHER_MODULE = "layer", "embedding", "other"  # the base's modules, as peft may wrap them
 KEY = re.compile(
     r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector"
     r"|token_adapter\.trainable_tokens_delta)(?:\.(?P<rest>[\w.-]+))?$"
@@ -59,6 +63,11 @@ class LoraTarget:
     embedding: bool = False
     magnitude_key: str | None = None  # DoRA
     init: str | None = None  # "pissa" / "olora": peft first rewrites W as W − s·B₀A₀ (common/lora.py)
+    initial_magnitude: bool = False  # DoRA whose file holds no magnitude: peft's initial one, ‖W‖ per row
+
+    @property
+    def dora(self) -> bool:
+        return self.magnitude_key is not None or self.initial_magnitude
 
 
 @dataclass(frozen=True)
@@ -162,6 +171,9 @@ class LoraAdapter:
         self.config = read_adapter_config(self.folder / CONFIG_FILE)
         self.init = None if residual_base else base_rewriting_init(self.folder / CONFIG_FILE, self.config)
         self.weights = _AdapterWeights(self.folder)
+        self.base_dir = base_dir
+        self.conv1d = _conv1d_modules(base_dir)
+        self.ignored: list[str] = []  # keys of the file peft does not load under this config
         self.structure = self._model_structure(base_dir)
         self.piece_cache: dict = {}  # the pieces of the last parameter's Δ (common/lora.py: piece_delta)
         self.changes = self._find_changes()
@@ -182,6 +194,8 @@ class LoraAdapter:
         return ModelStructure(base_dir)
 
     def _find_changes(self) -> dict[str, list[Change]]:
+        if not self.weights.names():
+            raise UserError(f"{self.folder}: the adapter holds no weights")
         parts: dict[str, dict[str, str]] = {}
         replacements: dict[str, Replacement] = {}
         for key in self.weights.names():
@@ -193,14 +207,118 @@ class LoraAdapter:
             elif ".original_module." not in name:  # the frozen original of a modules_to_save copy: not merged
                 _add_replacement(replacements, key, name)
         changes: list[Change] = list(replacements.values())
-        for module, keys in sorted(parts.items()):
+        lora_modules = [m for m, keys in parts.items() if any(k.startswith("lora_") for k in keys)]
+        self._file_modules = set(parts)
+        self._replaced = set(replacements)
+        targeted = {module: keys for module, keys in parts.items() if self._targeted(module, keys)}
+        self._check_targets(lora_modules, set(parts), targeted)
+        for module, keys in sorted(targeted.items()):
             changes += self._module_changes(module, keys)
+        if self.ignored:
+            listing = ", ".join(self.ignored[:3]) + (" ..." if len(self.ignored) > 3 else "")
+            log.info(
+                f"note: {len(self.ignored)} tensors of adapter {self.folder} are not loaded under its "
+                f"{CONFIG_FILE} ({listing}): left out, as peft leaves them out"
+            )
         if not changes:
-            raise UserError(f"{self.folder}: the adapter holds no weights")
+            raise UserError(
+                f"{self.folder}: under its {CONFIG_FILE}, nothing of the adapter's file is loaded ({len(self.ignored)} "
+                "tensors left out, as peft leaves them out): its merge would be the base unchanged"
+            )
         by_tensor: dict[str, list[Change]] = {}
         for change in sorted(changes, key=lambda c: ORDER[type(c)]):
             by_tensor.setdefault(change.base_name, []).append(change)
         return by_tensor
+
+    def _targeted(self, module: str, keys: dict[str, str]) -> bool:
+        """Does peft build this module's LoRA layer under the config (else its tensors are left unloaded)? Trainable
+        tokens are configured apart, by trainable_token_indices."""
+        lora = {k: v for k, v in keys.items() if k != "token_adapter.trainable_tokens_delta"}
+        if not lora or self.structure is not None and self._wrapped_parameter(module) is not None:
+            return True
+        embedding = "lora_embedding_A" in lora or "lora_embedding_B" in lora
+        if targets(self.config, module, linear=not embedding):
+            return True
+        self.ignored += sorted(lora.values())
+        for kind in lora:
+            keys.pop(kind)
+        return bool(keys)
+
+    def _check_targets(self, lora_modules: list[str], in_file: set[str], targeted: dict[str, dict[str, str]]) -> None:
+        """What peft refuses, or does otherwise than load the file, under this config: target_modules matching
+        nothing, or a module LoRA does not apply to, and layers it targets that the file holds no factors for,
+        whose initial factors are not zero."""
+        base = self._base_modules()
+        if lora_modules and not any(m in targeted for m in lora_modules):
+            if base is None or not any(targets(self.config, m, kind == LAYER) for m, kind in base.items()):
+                wanted = self.config.get("target_modules")
+                raise UserError(
+                    f"{self.folder}: target_modules {shorten(json.dumps(wanted))} in {CONFIG_FILE} matches none of "
+                    "the adapter's modules nor the base's (peft refuses it too: 'Target modules … not found in the "
+                    "base model')"
+                )
+        if base is None:
+            return
+        self._check_saved_copies(base)
+        if self.config.get("target_parameters"):
+            return
+        matched = {m: kind for m, kind in base.items() if targets(self.config, m, kind == LAYER)}
+        unsupported = sorted(m for m, kind in matched.items() if kind == OTHER_MODULE)
+        if unsupported:
+            raise UserError(
+                f"{self.folder}: target_modules {shorten(json.dumps(self.config.get('target_modules')))} matches "
+                f"{unsupported[0]}, not a layer LoRA applies to (peft refuses it too: 'Target module … is not "
+                "supported')"
+            )
+        absent = sorted(m for m in matched if m not in in_file)
+        init = self.config.get("init_lora_weights", True)
+        if absent and (init is False or self.config.get("use_dora") or self.init is not None):
+            raise UserError(
+                f"{self.folder}: {CONFIG_FILE} targets {len(absent)} layers the adapter's file holds no factors for "
+                f"({', '.join(absent[:3])}{' ...' if len(absent) > 3 else ''}), and peft would merge them with "
+                f"{UNTRAINED_FACTORS} (init_lora_weights {json.dumps(init)}, use_dora "
+                f"{json.dumps(self.config.get('use_dora'))}): not the trained adapter"
+            )
+
+    def _check_saved_copies(self, base: dict[str, str]) -> None:
+        """modules_to_save: peft wraps every base module of that name and loads its copy from the file; a copy the
+        file lacks fails peft's load (KeyError), so it is refused here with the name."""
+        copies = {name.rpartition(".")[0] for name in self._replaced}
+        for wanted in self.config.get("modules_to_save") or []:
+            present = [m for m in base if m == wanted or m.endswith(f".{wanted}")]
+            missing = [m for m in present if m not in copies and not any(c.endswith(f".{m}") for c in copies)]
+            if missing:
+                raise UserError(
+                    f"{self.folder}: modules_to_save lists {wanted}, but the adapter's file holds no copy of "
+                    f"{missing[0]} (peft fails to load it too)"
+                )
+
+    def _base_modules(self) -> dict[str, str] | None:
+        """The base model's modules as its checkpoint shows them (paths as the model's, which the adapter's carry):
+        each a LAYER (a matrix weight), an EMBEDDING, or OTHER_MODULE (norms, and the containers above every
+        parameter); None without a base."""
+        if self.base_dir is None:
+            return None
+        try:
+            with CheckpointIndex(self.base_dir) as base:
+                shapes = base.shapes()
+                embedding = tied_embedding(base, read_config(self.base_dir, required=False))
+                if embedding is not None:  # a tied head is a module of the model, though not saved
+                    shapes[HEAD] = shapes[embedding]
+        except UserError:
+            return None
+        kinds: dict[str, str] = {}
+        for name, shape in shapes.items():
+            module, _, parameter = name.rpartition(".")
+            parts = module.split(".")
+            for depth in range(1, len(parts)):
+                kinds.setdefault(".".join(parts[:depth]), OTHER_MODULE)
+            if parameter == "weight" and len(shape) == 2:
+                kinds[module] = EMBEDDING_MODULE if name.endswith(EMBEDDING_SUFFIXES) else LAYER
+            else:
+                kinds.setdefault(module, OTHER_MODULE)
+        paths = _model_paths(list(kinds), self._file_modules)
+        return dict(zip(paths, kinds.values(), strict=True))
 
     def _module_changes(self, module: str, keys: dict[str, str]) -> list[Change]:
         if self.structure is not None:
@@ -218,9 +336,21 @@ class LoraAdapter:
         a, b = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
         if a not in keys or b not in keys:
             raise UserError(f"{self.folder}: module {module} lacks {a if a not in keys else b} (incomplete adapter)")
-        target = self._target(module, keys[a], keys[b], embedding, keys.get("lora_magnitude_vector"))
+        magnitude = keys.get("lora_magnitude_vector")
+        if magnitude is not None and not self.config.get("use_dora"):
+            self.ignored.append(magnitude)  # no DoRA layer to load it into
+            magnitude = None
+        target = self._target(module, keys[a], keys[b], embedding, magnitude)
         changes: list[Change] = [target, *token_rows]
-        if "lora_B.bias" in keys:
+        if self.config.get("lora_bias") and "lora_B.bias" not in keys and not embedding:
+            if self.config.get("init_lora_weights", True) is False:
+                raise UserError(
+                    f"{self.folder}: lora_bias, but no lora_B.bias for {module} in the file, and init_lora_weights "
+                    f"false: peft would merge the bias it draws at random ({UNTRAINED_FACTORS}), not the training"
+                )
+        if "lora_B.bias" in keys and not self.config.get("lora_bias"):
+            self.ignored.append(keys["lora_B.bias"])  # lora_B has no bias to load it into
+        elif "lora_B.bias" in keys:
             self._check_dtypes(keys["lora_B.bias"])
             changes.append(BiasUpdate(f"{module}.bias", keys["lora_B.bias"], target.scaling))
         return changes
@@ -248,10 +378,17 @@ class LoraAdapter:
         if config_rank != rank:
             raise UserError(f"{self.folder}: {module} has rank {rank} but adapter_config.json says {config_rank}")
         alpha = pattern_value(self.config.get("alpha_pattern"), module, self.config.get("lora_alpha", 8))
-        fan_in_fan_out = bool(self.config.get("fan_in_fan_out", False)) and not embedding
+        fan_in_fan_out = self._fan_in_fan_out(module) and not embedding
         out_in = (shape_b[0], shape_a[1])
-        if embedding and magnitude:
+        initial_magnitude = bool(self.config.get("use_dora")) and magnitude is None
+        if embedding and (magnitude or initial_magnitude):
             raise UserError(f"{self.folder}: DoRA on the embedding {module} is not supported yet")
+        if initial_magnitude and (self.init is not None or self.config.get("init_lora_weights", True) is False):
+            init = json.dumps(self.config.get("init_lora_weights"))
+            raise UserError(
+                f"{self.folder}: use_dora, but no magnitude vectors in the file, and init_lora_weights {init}: peft's "
+                f"initial magnitude (‖W + s·B₀A₀‖ per row) would come from {UNTRAINED_FACTORS}, not the training"
+            )
         if self.init == "olora" and fan_in_fan_out and out_in[0] != out_in[1]:
             raise UserError(
                 f"{self.folder}: OLoRA on the Conv1D layer {module} ({out_in[1]} × {out_in[0]}): peft's OLoRA "
@@ -270,7 +407,15 @@ class LoraAdapter:
             embedding=embedding,
             magnitude_key=magnitude,
             init=None if embedding else self.init,  # peft runs PiSSA / OLoRA on Linear and Conv1D layers only
+            initial_magnitude=initial_magnitude,
         )
+
+    def _fan_in_fan_out(self, module: str) -> bool:
+        """peft sets fan_in_fan_out by the layer, whatever the config says: true on a Conv1D, false on an nn.Linear
+        (warning when the config says otherwise). Without the base the config's value is all there is."""
+        if self.conv1d is None:
+            return bool(self.config.get("fan_in_fan_out", False))
+        return module in self.conv1d
 
     def _wrapped_parameter(self, module: str) -> str | None:
         """The parameter a ParamWrapper at `module` (`…experts.base_layer` for the second one nested) adapts; None
@@ -350,6 +495,31 @@ class LoraAdapter:
 
     def close(self) -> None:
         self.weights.close()
+
+
+def _model_paths(names: list[str], in_file: set[str]) -> list[str]:
+    """A base checkpoint's module names as the model's paths, which the adapter's carry: a checkpoint saved without
+    the model class's prefix (the original gpt2's h.0… for transformer.h.0…) takes the prefix the adapter shows."""
+    present = set(names)
+    prefixes = {f[: -len(n) - 1] for f in in_file for n in (f.split(".", 1)[-1],) if n in present and f != n}
+    if len(prefixes) != 1:
+        return names
+    prefix = prefixes.pop()
+    return [name if name in in_file else f"{prefix}.{name}" for name in names]
+
+
+def _conv1d_modules(base_dir: Path | None) -> set[str] | None:
+    """The base model's Conv1D layers (module paths), empty for a model type without any; None without a base."""
+    if base_dir is None:
+        return None
+    from common.export import CONV1D, CONV1D_MODEL_TYPES, ModuleKinds
+    from common.model_layout import read_config
+
+    config = read_config(base_dir, required=False)
+    if config.get("model_type") not in CONV1D_MODEL_TYPES:
+        return set()
+    kinds = ModuleKinds(base_dir, from_class=True)
+    return {kinds.model_path(name).rpartition(".")[0] for name, kind in kinds.kinds.items() if kind == CONV1D}
 
 
 def _add_replacement(replacements: dict[str, Replacement], key: str, name: str) -> None:

@@ -77,11 +77,30 @@ def read_adapter_config(path: Path) -> dict:
         raise UserError(f"{path}: peft_type {shorten(str(peft_type))} is not supported (only LORA)")
     if config.get("layer_replication"):
         raise UserError(f"{path}: layer_replication cannot be merged (peft refuses it too)")
+    _check_config_types(path, config)
+    for refusal in peft_refusals(config):
+        raise UserError(f"{path}: {refusal} (peft's LoraConfig refuses it too)")
     variants = [key for key in UNSUPPORTED_VARIANTS if config.get(key)]
     if variants:
         raise UserError(f"{path}: {', '.join(variants)} is set: a LoRA variant this toolkit does not support")
-    _check_config_types(path, config)
     return config
+
+
+def peft_refusals(config: dict) -> list[str]:
+    """The combinations of fields peft's LoraConfig.__post_init__ refuses (peft 0.21), in its words."""
+    refusals = []
+    regex = isinstance(config.get("target_modules"), str)
+    if regex and config.get("layers_to_transform") is not None:
+        refusals.append("`layers_to_transform` cannot be used when `target_modules` is a str")
+    if regex and config.get("layers_pattern") is not None:
+        refusals.append("`layers_pattern` cannot be used when `target_modules` is a str")
+    if config.get("layers_pattern") and config.get("layers_to_transform") is None:
+        refusals.append("when `layers_pattern` is specified, `layers_to_transform` must also be specified")
+    if config.get("lora_bias") and config.get("init_lora_weights", True) not in (True, False):
+        refusals.append("lora_bias=True is only supported with init_lora_weights=True or False")
+    if config.get("lora_bias") and config.get("use_dora"):
+        refusals.append("lora_bias=True is not supported for DoRA")
+    return refusals
 
 
 def _positive_int(value: object) -> bool:
@@ -101,6 +120,30 @@ def _optional_boolean(value: object) -> bool:
 
 def _optional_names(value: object) -> bool:
     return value is None or (isinstance(value, list) and all(isinstance(v, str) and v for v in value))
+
+
+def _compiles(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except re.error:
+        return False
+    return True
+
+
+def _regex_or_names(value: object) -> bool:
+    return value is None or (isinstance(value, str) and _compiles(value)) or _optional_names(value)
+
+
+def _pattern_or_patterns(value: object) -> bool:
+    if value in (None, "", []):  # peft: any layer pattern
+        return True
+    patterns = [value] if isinstance(value, str) else value
+    return _optional_names(patterns) and all(_compiles(p) for p in patterns)
+
+
+def _layer_indices(value: object) -> bool:
+    indices = [value] if type(value) is int else value
+    return value is None or (isinstance(indices, list) and all(type(i) is int and i >= 0 for i in indices))
 
 
 def _patterns_of(valid: Callable[[object], bool]) -> Callable[[object], bool]:
@@ -130,6 +173,13 @@ CONFIG_FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
     "rank_pattern": (_patterns_of(_positive_int), "an object of module-path regexes to positive integers"),
     "alpha_pattern": (_patterns_of(_number), "an object of module-path regexes to numbers"),
     "target_parameters": (_optional_names, "a list of parameter names"),
+    "target_modules": (_regex_or_names, "a regex, or a list of module names"),
+    "exclude_modules": (_regex_or_names, "a regex, or a list of module names"),
+    "modules_to_save": (_optional_names, "a list of module names"),
+    "layers_to_transform": (_layer_indices, "a layer index or a list of them"),
+    "layers_pattern": (_pattern_or_patterns, "a regex, or a list of them"),
+    "use_dora": (_optional_boolean, "true or false"),
+    "lora_bias": (_optional_boolean, "true or false"),
 }
 
 
@@ -137,3 +187,58 @@ def _check_config_types(path: Path, config: dict) -> None:
     for key, (valid, what) in CONFIG_FIELDS.items():
         if key in config and not valid(config[key]):
             raise UserError(f"{path}: {key} must be {what}, not {shorten(repr(config[key]))}")
+
+
+ALL_LINEAR = "all-linear"
+
+
+def targets(config: dict, module: str, linear: bool = True, head: str = "lm_head") -> bool:
+    """Does peft build a LoRA layer at `module` (a path in the model, as peft names modules) from this config?
+
+    peft's `check_target_module_exists` (tuners_utils), rule for rule: `exclude_modules` (a regex, or names matched
+    at the end of the path) and `modules_to_save` exclude; `target_modules` as a regex fully matching the path, as
+    `all-linear` (every linear layer, `linear`, but the output head: full names, so no layer filter applies), as exact
+    paths, or as names matched at the end of the path, these last ones filtered by `layers_to_transform` (the layer
+    index after `layers_pattern`, or after the first numbered segment). No `target_modules`: the adapter's own files
+    decide (peft would take its defaults for the model type). tests/test_merge_config.py holds this to peft.
+    """
+    exclude = config.get("exclude_modules")
+    if exclude:
+        if isinstance(exclude, str):
+            if re.fullmatch(exclude, module):
+                return False
+        elif module in exclude or any(module.endswith(f".{name}") for name in exclude):
+            return False
+    if any(re.match(rf"(^|.*\.){name}($|\..*)", module) for name in config.get("modules_to_save") or []):
+        return False
+    wanted = config.get("target_modules")
+    if wanted is None:
+        return not config.get("target_parameters")
+    if isinstance(wanted, str):
+        if wanted.lower() == ALL_LINEAR:
+            return linear and module != head and not module.endswith(f".{head}")
+        return re.fullmatch(wanted, module) is not None
+    if module in wanted:
+        return True
+    if not any(module.endswith(f".{name}") for name in wanted):
+        return False
+    return _in_transformed_layer(config, module)
+
+
+def _in_transformed_layer(config: dict, module: str) -> bool:
+    layers = config.get("layers_to_transform")
+    if layers is None or (isinstance(layers, list) and not layers):
+        return True
+    patterns = config.get("layers_pattern")
+    match = None
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    else:
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module)
+            if match is not None:
+                break
+    if match is None:
+        return False
+    index = int(match["idx"])
+    return index == layers if isinstance(layers, int) else index in layers

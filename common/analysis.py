@@ -76,7 +76,7 @@ def deltas_from_adapter(
         changes = plan.changes[spec.name]
         target = changes[0] if len(changes) == 1 and isinstance(changes[0], LoraTarget) else None
         spectrum = None
-        if target is not None and target.magnitude_key is None and target.init is None:
+        if target is not None and not target.dora and target.init is None:
             lora_a, lora_b = (f.to(device) for f in adapter.factors(target))
             transposed = target.fan_in_fan_out or target.embedding  # Δ = s·(B@A)ᵀ
             left, right = (lora_a.T, lora_b) if transposed else (lora_b, lora_a.T)

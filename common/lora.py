@@ -106,7 +106,7 @@ def apply_low_rank(
         weight = residual_weight(weight, target, compute_dtype, init_dtype)
     lora_a, lora_b = (f.to(weight.device) for f in adapter.factors(target))
     delta = lora_delta(target, lora_a, lora_b, compute_dtype)
-    if target.magnitude_key is not None:
+    if target.dora:
         return apply_dora(weight, delta, target, adapter)
     if target.embedding:
         weight += delta.to(weight.dtype)
@@ -117,8 +117,11 @@ def apply_low_rank(
 
 def apply_dora(weight: torch.Tensor, delta: torch.Tensor, target: LoraTarget, adapter: LoraAdapter) -> torch.Tensor:
     """DoRA: W' = (m / ‖W + Δ‖_row) · (W + Δ), the norm over each output row of the unmerged weight."""
-    magnitude = adapter_dtype(adapter.read(target.magnitude_key)).to(weight.device)
     rows_w = weight.T if target.fan_in_fan_out else weight
+    if target.initial_magnitude:  # peft's DoraLinearLayer.update_layer: ‖W + s·B₀A₀‖ per row, B₀ = 0, in W's dtype
+        magnitude = adapter_dtype(torch.linalg.norm(rows_w, dim=1).to(weight.dtype))
+    else:
+        magnitude = adapter_dtype(adapter.read(target.magnitude_key)).to(weight.device)
     rows_delta = delta.T if target.fan_in_fan_out else delta
     combined = rows_w + 1 * rows_delta
     weight_norm = torch.linalg.norm(combined, dim=1).to(combined.dtype)
@@ -216,7 +219,7 @@ def apply_parameter_piece(
 def is_base_free(change: Change) -> bool:
     """Plain LoRA updates and LoRA biases add a change that does not depend on the base weights."""
     if isinstance(change, LoraTarget):
-        return change.magnitude_key is None and change.init is None
+        return not change.dora and change.init is None
     return isinstance(change, BiasUpdate | ParameterPiece)
 
 

@@ -20,6 +20,7 @@ import merge_lora
 from common.errors import UserError
 
 PREFIX = "base_model.model.model.layers.0.self_attn."
+MAG7, MAGNITUDE_Q = torch.ones(7), "model__layers__0__self_attn__q_proj__lora_magnitude_vector"
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,14 @@ def _retype(tensors: dict, key: str, dtype: torch.dtype) -> None:
     tensors[key] = tensors[key].to(dtype)
 
 
+def _both(*edits: Callable[[Path], None]) -> Callable[[Path], None]:
+    def apply(folder: Path) -> None:
+        for edit in edits:
+            edit(folder)
+
+    return apply
+
+
 def _add(**tensors: torch.Tensor) -> Callable[[Path], None]:
     """Add tensors under `base_model.model.<name>` (dots written as double underscores)."""
     named = {f"base_model.model.{k.replace('__', '.')}": v for k, v in tensors.items()}
@@ -80,11 +89,11 @@ CASES = {
     ),
     "rank unlike the config": (edit_config(r=8), "has rank 4 but adapter_config.json says 8"),
     "a DoRA magnitude of another size": (
-        _add(model__layers__0__self_attn__q_proj__lora_magnitude_vector=torch.ones(7)),
+        _both(edit_config(use_dora=True, target_modules=["q_proj", "v_proj"]), _add(**{MAGNITUDE_Q: MAG7})),
         "has a DoRA magnitude of shape [7], not [32] (one per output feature)",
     ),
     "DoRA on the embedding": (
-        _add(model__embed_tokens__lora_magnitude_vector=torch.ones(32)),
+        _both(edit_config(use_dora=True), _add(model__embed_tokens__lora_magnitude_vector=torch.ones(32))),
         "DoRA on the embedding model.embed_tokens is not supported yet",
     ),
     "integer factors": (
@@ -105,9 +114,12 @@ CASES = {
         "1 of 3 changed tensors have another shape: another variant of the model?",
     ),
     "a module the base lacks": (
-        _add(
-            model__layers__0__mlp__router__lora_A__weight=torch.zeros(4, 32),
-            model__layers__0__mlp__router__lora_B__weight=torch.zeros(4, 4),
+        _both(
+            edit_config(target_modules=["q_proj", "v_proj", "embed_tokens", "router"]),
+            _add(
+                model__layers__0__mlp__router__lora_A__weight=torch.zeros(4, 32),
+                model__layers__0__mlp__router__lora_B__weight=torch.zeros(4, 4),
+            ),
         ),
         "changes 1 of 4 tensors that are not in base model",
     ),

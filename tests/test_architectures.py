@@ -284,7 +284,7 @@ def test_resized_vocabulary_merges_into_the_original_base_as_into_the_resized_on
         assert_logits_match_unmerged(tmp_path / name / "fp32", resized, adapter)
 
 
-def test_resized_vocabulary_without_every_vocabulary_tensor_names_the_resized_base(models, tmp_path):
+def test_resized_vocabulary_without_the_head_s_copy_names_the_missing_copy(models, tmp_path):
     adapter, _ = models.adapter("llama", "resized_vocabulary")
     edited = tmp_path / "adapter"
     shutil.copytree(adapter, edited)
@@ -292,7 +292,9 @@ def test_resized_vocabulary_without_every_vocabulary_tensor_names_the_resized_ba
 
     tensors = {k: v for k, v in load_file(edited / "adapter_model.safetensors").items() if "lm_head" not in k}
     save_file(tensors, edited / "adapter_model.safetensors", {"format": "pt"})
-    with pytest.raises(UserError, match="resizes the vocabulary from 96 to 104 rows but holds no resized lm_head"):
+    with pytest.raises(
+        UserError, match="modules_to_save lists lm_head, but the adapter's file holds no copy of lm_head"
+    ):
         merge(models.base("llama"), edited, tmp_path / "out", "fp32")
 
 
