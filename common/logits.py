@@ -162,18 +162,9 @@ def load_reference(base_dir: Path, adapter_dir: Path, reference: Reference, devi
 
 
 def _bnb_config(reference: Reference):
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise UserError("--bnb_4bit_quant_type needs bitsandbytes (pip install bitsandbytes)") from None
-    from transformers import BitsAndBytesConfig
+    from common.quantization import FourBit, bnb_config
 
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=reference.quant_type,
-        bnb_4bit_use_double_quant=reference.double_quant,
-        bnb_4bit_compute_dtype=reference.precision,
-    )
+    return bnb_config(FourBit(reference.quant_type, reference.double_quant), reference.precision)
 
 
 def load_merged(folder: Path, dtype: torch.dtype, device: torch.device):

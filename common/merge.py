@@ -26,12 +26,13 @@ from pathlib import Path
 
 import torch
 
-from common.adapter import Change, LoraAdapter
+from common.adapter import Change, LoraAdapter, LoraTarget
 from common.errors import UserError
 from common.finite import all_finite, non_finite_merge
 from common.lora import apply_changes
 from common.merge_plan import plan_merge
 from common.precision import short_name
+from common.quantization import FourBit, bnb_config, dequantized, requantized
 from common.quiet import quiet_libraries
 from common.safetensors_io import CHUNK_BYTES, CheckpointIndex, Scratch, ShardedWriter, TensorSpec, iter_row_chunks
 
@@ -69,8 +70,10 @@ def merge_checkpoint(
     chunk_bytes: int = CHUNK_BYTES,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     on_tensor: Callable[[str, int], None] = lambda name, nbytes: None,
+    four_bit: QuantizedBase | None = None,
 ) -> MergeSummary:
-    """Write the merged weights of every base tensor into `out_dir` as safetensors shards."""
+    """Write the merged weights of every base tensor into `out_dir` as safetensors shards; with `four_bit`, into
+    the base a QLoRA adapter was trained on (common/quantization.py)."""
     plan = plan_merge(base, adapter, precision, config)
     scratch = Scratch(pinned=device.type == "cuda"), Scratch()
     with ShardedWriter(out_dir, plan.specs, max_shard_bytes, {"format": "pt"}) as writer:
@@ -79,7 +82,11 @@ def merge_checkpoint(
         for spec in plan.specs:
             changes = plan.changes.get(spec.name, [])
             source = plan.sources[spec.name]
-            if changes:
+            if four_bit is not None and source in four_bit.weights:
+                transposed = four_bit.weights[source]
+                finite = write_quantized(base, source, spec, changes, adapter, device, writer, four_bit, transposed)
+                summary.changed += [spec.name] if changes else []
+            elif changes:
                 finite = write_changed(base, source, spec, changes, adapter, device, writer, scratch[0])
                 summary.changed.append(spec.name)
             else:
@@ -136,6 +143,52 @@ def write_changed(
     return all_finite(weight)
 
 
+@dataclass(frozen=True)
+class QuantizedBase:
+    """The 4-bit quantization a QLoRA adapter was trained with, and the weights it applies to (name: Conv1D?)."""
+
+    four_bit: FourBit
+    weights: dict[str, bool]
+
+
+def check_requantizable(adapter: LoraAdapter, quantized: QuantizedBase) -> None:
+    """--requantize follows peft's 4-bit merge (Linear4bit.merge) for plain LoRA factors; its DoRA and LoRA-bias
+    arithmetic differ from the ones of an unquantized layer, and are not reproduced: refused by name."""
+    if not quantized.four_bit.requantize:
+        return
+    for name in quantized.weights:
+        for change in adapter.changes.get(name, []):
+            if isinstance(change, LoraTarget) and (change.dora or change.init):
+                raise UserError(f"--requantize: {name} is a DoRA / PiSSA / OLoRA layer: merge without --requantize")
+    if adapter.config.get("lora_bias"):
+        raise UserError("--requantize: lora_bias (peft's 4-bit merge adds lora_B.bias unscaled): merge without it")
+
+
+def write_quantized(
+    base: CheckpointIndex,
+    source: str,
+    spec: TensorSpec,
+    changes: list[Change],
+    adapter: LoraAdapter,
+    device: torch.device,
+    writer: ShardedWriter,
+    quantized: QuantizedBase,
+    transposed: bool,
+) -> bool:
+    """A weight transformers quantizes: deq(Q(W)) at the merge dtype, the adapter's changes merged into it, or (with
+    `requantize`) merged in fp32 and quantized again, as peft's 4-bit merge does. True when finite."""
+    weight = base.read(source).to(device).to(spec.dtype)
+    weight = dequantized(weight, quantized.four_bit, transposed)
+    if changes and quantized.four_bit.requantize:
+        weight = requantized(
+            apply_changes(weight.float(), changes, adapter), quantized.four_bit, spec.dtype, transposed
+        )
+    elif changes:
+        weight = apply_changes(weight, changes, adapter)
+    writer.write(spec.name, weight)
+    return all_finite(weight)
+
+
 def write_model_files(
     config: dict,
     base_dir: Path,
@@ -175,17 +228,33 @@ def copy_side_files(base_dir: Path, adapter_dir: Path, out_dir: Path, names: tup
 
 
 def merge_with_peft(
-    base_dir: Path, adapter_dir: Path, out_dir: Path, precision: torch.dtype, device: torch.device
+    base_dir: Path,
+    adapter_dir: Path,
+    out_dir: Path,
+    precision: torch.dtype,
+    device: torch.device,
+    four_bit: FourBit | None = None,
 ) -> None:
-    """The reference path: transformers load, `PeftModel.from_pretrained`, `merge_and_unload`, `save_pretrained`."""
+    """The reference path: transformers load, `PeftModel.from_pretrained`, `merge_and_unload`, `save_pretrained`;
+    with `four_bit`, the base loaded 4-bit, dequantized before the merge (or after it, re-quantizing: `requantize`)."""
     from peft import PeftModel
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     with quiet_libraries():
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=precision).to(device)
+        if four_bit is None:
+            model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=precision).to(device)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                base_dir,
+                dtype=precision,
+                device_map={"": str(device)},
+                quantization_config=bnb_config(four_bit, precision),
+            )
+            model = model if four_bit.requantize else model.dequantize()  # no forward pass before: see quantization.py
         try:
             merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+            merged = merged.dequantize() if four_bit is not None and four_bit.requantize else merged
         except (ValueError, KeyError, RuntimeError) as e:  # peft's own refusals of an adapter that does not fit
             why = f"it looks for {e.args[0]}, which the adapter's files do not hold" if isinstance(e, KeyError) else e
             raise UserError(f"--engine peft: peft cannot merge {adapter_dir} into {base_dir}: {why}") from None
