@@ -54,7 +54,9 @@ from common.lora import plan_deltas
 from common.model_layout import read_config
 from common.outputs import check_output_dir, staged_output_dir
 from common.plots import comparison_plots
-from common.precision import PRECISIONS
+from common.precision import PRECISIONS, dtype_from_name
+from common.quantization import DequantizedBase, FourBit
+from common.quantized_merge import find_quantized_merge, quantized_pattern
 from common.safetensors_io import CheckpointIndex, SafetensorsWriter
 from common.sources import resolve_adapter, resolve_model
 from common.task_vector import stats_beside
@@ -95,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         inputs += [logit_check.merged_dir] if logit_check else []
         check_output_dir(args.output_dir, inputs, args.overwrite)
         base = stack.enter_context(CheckpointIndex(base_dir)) if base_dir else None
+        four_bit = FourBit.recorded(task_vector.metadata)
+        merge_dtype = dtype_from_name(task_vector.metadata.get("finetuned_dtype", ""))
+        if base is not None and four_bit is not None and merge_dtype is not None:  # τ of the 4-bit base: compare so
+            base = DequantizedBase(base, base_dir, read_config(base_dir), four_bit, merge_dtype)
         plan = plan_deltas(adapter, base, read_config(base_dir) if base_dir else {}, set(task_vector.names()))
         staging = stack.enter_context(staged_output_dir(args.output_dir, args.overwrite))
         deltas = stack.enter_context(SafetensorsWriter(staging / "lora_deltas.safetensors", plan.specs))
@@ -103,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         comparison = compare_adapter(
             adapter, plan, task_vector, deltas, device, args.tolerance, base, record, step, args.base_model
         )
+        comparison.quantized = quantized_merge(comparison, task_vector, base, base_dir, adapter, plan, device)
         result = diagnose(comparison)
         summary = comparison_summary(comparison, result)
         if logit_check:
@@ -121,6 +128,22 @@ def main(argv: list[str] | None = None) -> int:
             log.info(console_line(summary["logits"]))
         log.info(f"\nreports and plots in {args.output_dir}/")
     return 0 if result.equivalent else 1
+
+
+def quantized_merge(comparison, task_vector, base, base_dir, adapter, plan, device):
+    """Is τ of a merge into a 4-bit base (QLoRA)? Proven with the base (bitsandbytes redoes the quantization), read
+    off the pattern of changed tensors without it."""
+    if FourBit.recorded(task_vector.metadata) is not None:  # τ already against the 4-bit base
+        return None
+    if base is None or comparison.merge_dtype is None:
+        return quantized_pattern(task_vector, comparison.task_vector_only)
+    try:
+        return find_quantized_merge(
+            task_vector, base, base_dir, read_config(base_dir), comparison.task_vector_only, adapter, plan,
+            comparison.merge_dtype, device,
+        )  # fmt: skip
+    except UserError:  # no bitsandbytes here: the pattern is all there is
+        return quantized_pattern(task_vector, comparison.task_vector_only)
 
 
 def add_logit_flags(parser) -> None:

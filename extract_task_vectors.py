@@ -30,8 +30,10 @@ from common.cli import (
     setup_logging,
     tensor_progress,
 )
-from common.model_layout import fingerprint, read_config
+from common.errors import UserError
+from common.model_layout import fingerprint, read_config, stored_dtype
 from common.outputs import check_output_dir, staged_output_dir
+from common.quantization import QUANT_TYPES, DequantizedBase, FourBit
 from common.safetensors_io import CheckpointIndex, ShardedWriter
 from common.sources import resolve_model
 from common.task_vector import (
@@ -64,9 +66,15 @@ def main(argv: list[str] | None = None) -> int:
         "--trust_remote_code",
         "accepted for compatibility (default false): extraction streams tensors and never runs model code",
     )
+    parser.add_argument(
+        "--bnb_4bit_quant_type", choices=QUANT_TYPES, default=None, help="QLoRA: subtract the 4-bit base, deq(Q(W))"
+    )
+    add_switch(parser, "--bnb_4bit_use_double_quant", "with --bnb_4bit_quant_type: the block scales quantized too")
     add_overwrite(parser)
     args = parse_with_config(parser, argv)
     require(args, "base_model", "finetuned_model")
+    if args.bnb_4bit_use_double_quant and not args.bnb_4bit_quant_type:
+        raise UserError("--bnb_4bit_use_double_quant needs --bnb_4bit_quant_type (nf4 or fp4)")
     setup_logging(args.verbose)
 
     import torch
@@ -85,9 +93,13 @@ def main(argv: list[str] | None = None) -> int:
         CheckpointIndex(finetuned_dir) as finetuned,
         staged_output_dir(args.output_dir, args.overwrite) as staging,
     ):
+        sources |= {"base_fingerprint": fingerprint(base), "finetuned_fingerprint": fingerprint(finetuned)}
+        if args.bnb_4bit_quant_type:  # τ against the 4-bit base a QLoRA adapter was trained on
+            four_bit = FourBit(args.bnb_4bit_quant_type, args.bnb_4bit_use_double_quant)
+            base = DequantizedBase(base, base_dir, configs[0], four_bit, stored_dtype(finetuned))
+            sources |= four_bit.header()
         pairs, extraction = plan_extraction(base, finetuned, configs, args.allow_shape_mismatch)
         specs = task_vector_specs(base, pairs, compute_dtype)
-        sources |= {"base_fingerprint": fingerprint(base), "finetuned_fingerprint": fingerprint(finetuned)}
         metadata = header_metadata(sources, extraction, compute_dtype, configs[0])
         writer = ShardedWriter(staging, specs, args.shard_size or 2**63, metadata, stem="task_vector")
         with writer, tensor_progress(sum(s.nbytes for s in specs), "extract", args.verbose, unit="B") as step:

@@ -23,6 +23,8 @@ from common.lora import DeltaPlan, apply_changes, common_rows, exact_delta, prod
 from common.metrics import TensorComparison, compare_tensor, max_abs, rounding_bound, rounding_residual
 from common.model_layout import fingerprint
 from common.precision import dtype_from_name
+from common.quantization import FourBit
+from common.quantized_merge import QuantizedMerge
 from common.safetensors_io import CheckpointIndex, SafetensorsWriter
 from common.task_vector import ExtractionRecord, TauStatus, status_of, stored_status
 
@@ -67,6 +69,8 @@ class Comparison:
     task_vector_only: dict[str, TauStatus] = field(default_factory=dict)
     ulp_errors: list[torch.Tensor] = field(default_factory=list)  # per tensor, a sample of (τ − Δ) in ulps
     with_base: bool = False
+    quantized: QuantizedMerge | None = None  # τ of a merge into a 4-bit base (common/quantized_merge.py)
+    base_4bit: str | None = None  # the 4-bit base τ was extracted against (its header), described
 
     def only_count(self, status: TauStatus) -> int:
         return sum(1 for s in self.task_vector_only.values() if s == status)
@@ -111,6 +115,8 @@ def compare_adapter(
         recorded_finetuned_fingerprint=task_vector.metadata.get("finetuned_fingerprint"),
     )
     comparison = Comparison(tolerance, merge_dtype, scaling, identity, with_base=base is not None)
+    four_bit = FourBit.recorded(task_vector.metadata)
+    comparison.base_4bit = four_bit.describe() if four_bit else None
     check_task_vector_shapes(plan, task_vector)
     for spec in plan.specs:
         delta, weight = exact_delta(spec.name, plan, adapter, base, device, merge_dtype)

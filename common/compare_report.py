@@ -47,6 +47,22 @@ def comparison_summary(comparison: Comparison, verdict: Diagnosis) -> dict:
         "evidence": {k: json_number(v) for k, v in verdict.evidence.items()},
         "tolerance": comparison.tolerance,
         "merge_dtype": short_name(comparison.merge_dtype) if comparison.merge_dtype else None,
+        "quantization": quantization_summary(comparison),
+    }
+
+
+def quantization_summary(comparison: Comparison) -> dict | None:
+    """What compare found of a merge into a 4-bit base (None: not one)."""
+    q = comparison.quantized
+    if q is None:
+        return None
+    return {
+        "proven": q.proven,
+        "quant_type": q.four_bit.quant_type if q.four_bit else None,
+        "double_quant": q.four_bit.double_quant if q.four_bit else None,
+        "merge": q.merge,
+        "weights_outside_the_adapter": len(q.outside),
+        "adapted_reproduced": q.adapted,
     }
 
 

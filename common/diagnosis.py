@@ -32,6 +32,7 @@ UNTOUCHED = (TauStatus.UNCHANGED.value, TauStatus.ROUNDING_ARTIFACT.value)
 CAUSES = (
     "equivalent",
     "wrong_base",
+    "quantized_base",
     "not_merged",
     "partially_merged",
     "unrelated",
@@ -65,6 +66,11 @@ def diagnose(comparison: Comparison) -> Diagnosis:
     found: dict[str, str] = {}
     for cause, line in _findings(comparison, evidence):
         found.setdefault(cause, line)  # the first line found for a cause (the header's evidence before the scale's)
+    if comparison.quantized is not None:  # what the quantization explains is not another cause
+        found = {k: v for k, v in found.items() if k in ("sign_flip", "not_merged", "partially_merged")}
+        if comparison.identity.differs:
+            found["wrong_base"] = _identity_line(comparison)
+        found["quantized_base"] = _quantized_line(comparison, evidence)
     if not found:
         found["unexplained"] = _unexplained(comparison, evidence)
     causes = [c for c in CAUSES if c in found]
@@ -228,14 +234,15 @@ def _rounding_cause(c: Comparison, evidence: dict, scale: float | None) -> tuple
         )
     exact = all(t.reproduces_merge for t in c.shared if t.reproduces_merge is not None) and proven
     how = f"; τ is bit for bit what {a_dtype(dtype)} merge of this adapter gives" if exact else ""
+    into = f" into the {c.base_4bit} 4-bit base" if c.base_4bit else ""
     if proven:
         return "precision_rounding", (
-            f"{count}, all within {dtype} rounding of the merged weights{how}: a correct {dtype} merge; merge at fp32 "
-            "to compare exactly"
+            f"{count}, all within {dtype} rounding of the merged weights{how}: a correct {dtype} merge{into}; merge at "
+            "fp32 to compare exactly"
         )
     return "precision_rounding", (
         f"{count}, all within what {a_dtype(dtype)} merge rounds at these weights' magnitudes (up to {floor:.3g}): "
-        f"likely a correct {dtype} merge; pass --base_model to prove it element by element"
+        f"likely a correct {dtype} merge{into}; pass --base_model to prove it element by element"
     )
 
 
@@ -291,6 +298,35 @@ def _unrelated_line(c: Comparison, mean_cosine: float) -> str:
     return (
         f"cosines near 0 (mean {mean_cosine:.3f}: under {100 * UNRELATED_COSINE**2:g}% of ‖τ‖² lies along Δ): "
         "τ is of another adapter or model"
+    )
+
+
+def _quantized_line(c: Comparison, evidence: dict) -> str:
+    """τ of a merge into a 4-bit base: proven with the base (which quantization, which merge), else likely."""
+    q = c.quantized
+    outside = f"{_count(q.outside, 'weight')} a 4-bit load quantizes"
+    if not q.proven:
+        return (
+            f"exactly the {outside} changed outside the adapter ({_names(q.outside)}) and the adapted tensors differ "
+            f"from Δ (mean cosine {evidence['mean_cosine']:.4f}): likely a merge into a 4-bit (QLoRA) base; pass "
+            "--base_model to prove it and name the quantization"
+        )
+    flags = f"--bnb_4bit_quant_type {q.four_bit.quant_type}" + (
+        " --bnb_4bit_use_double_quant" if q.four_bit.double_quant else ""
+    )
+    merges = {
+        "dequantized": "the merge into the dequantized 4-bit base (the weights the adapter was trained on)",
+        "requantized": "merge_and_unload on the 4-bit model, re-quantized, then dequantized",
+    }
+    adapted = (
+        f"the {q.adapted} adapted tensors are bit for bit {merges[q.merge]}"
+        if q.merge
+        else "the adapted tensors are not reproduced bit for bit by either QLoRA merge"
+    )
+    verdict = "a correct QLoRA merge" if q.merge else "a merge into a 4-bit base"
+    return (
+        f"outside the adapter the {outside} are deq(Q(W)) − W bit for bit ({q.four_bit.describe()}), and {adapted}: "
+        f"{verdict}; to compare τ with Δ exactly, extract against the 4-bit base ({flags})"
     )
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from common.errors import UserError
-from common.model_layout import fingerprint, read_config
+from common.model_layout import fingerprint, read_config, stored_dtype
 from common.precision import short_name
 from common.quiet import quiet_libraries
 from common.safetensors_io import CheckpointIndex
@@ -303,18 +303,6 @@ def check_extracted_from(merged: CheckpointIndex, task_vector: CheckpointIndex) 
             f"--check_logits: the merged model {merged.source} is not the model {task_vector.source} was extracted "
             f"from (fingerprint {found}, τ's header records {expected})"
         )
-
-
-def stored_dtype(index: CheckpointIndex) -> torch.dtype:
-    """The floating dtype most of a checkpoint's weights (by elements) are stored in."""
-    counts: dict[torch.dtype, int] = {}
-    for name in index.names():
-        info = index.info(name)
-        if info.dtype.is_floating_point:
-            counts[info.dtype] = counts.get(info.dtype, 0) + info.numel
-    if not counts:
-        raise UserError(f"{index.source}: no floating-point weights")
-    return max(counts, key=counts.__getitem__)
 
 
 def compare_logits(check: LogitCheck, adapter_dir: Path, device: torch.device) -> LogitComparison:

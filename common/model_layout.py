@@ -129,3 +129,15 @@ def fingerprint(checkpoint: CheckpointIndex) -> str:
         for start in (0, info.nbytes // 2):
             digest.update(os.pread(fd, min(SAMPLE_BYTES, info.nbytes - start), offset + start))
     return digest.hexdigest()[:16]
+
+
+def stored_dtype(index: CheckpointIndex) -> torch.dtype:
+    """The floating dtype most of a checkpoint's weights (by elements) are stored in."""
+    counts: dict[torch.dtype, int] = {}
+    for name in index.names():
+        info = index.info(name)
+        if info.dtype.is_floating_point:
+            counts[info.dtype] = counts.get(info.dtype, 0) + info.numel
+    if not counts:
+        raise UserError(f"{index.source}: no floating-point weights")
+    return max(counts, key=counts.__getitem__)

@@ -45,6 +45,18 @@ class FourBit:
         double = ", double quantization" if self.double_quant else ""
         return f"{self.quant_type}{double}"
 
+    def header(self) -> dict[str, str]:
+        """τ's header fields recording it (τ extracted against the 4-bit base)."""
+        return {"base_4bit_quant_type": self.quant_type, "base_4bit_double_quant": str(self.double_quant).lower()}
+
+    @staticmethod
+    def recorded(metadata: dict[str, str]) -> FourBit | None:
+        """The 4-bit base τ's header records, if any."""
+        quant_type = metadata.get("base_4bit_quant_type")
+        if quant_type not in QUANT_TYPES:
+            return None
+        return FourBit(quant_type, metadata.get("base_4bit_double_quant") == "true")
+
 
 def bitsandbytes():
     """bitsandbytes.functional, or one line naming the package."""
@@ -121,3 +133,34 @@ def _converted(module: str, patterns: list[str]) -> bool:
     """transformers' should_convert_module: a pattern matching from the start at a module boundary, or a suffix."""
     boundary = r"(?:(?<=\.)|(?=\.|$))"
     return not any(re.match(rf"(?:{key}){boundary}", module) or module.endswith(key) for key in patterns)
+
+
+class DequantizedBase:
+    """A base checkpoint read as its 4-bit load holds it: every weight transformers quantizes is deq(Q(W_d)) (W cast
+    to `dtype`, the merge's), returned in the stored dtype (exactly: deq's values are representable there); every
+    other tensor as stored. What extract and compare subtract and compare against for a QLoRA merge."""
+
+    def __init__(self, base: CheckpointIndex, base_dir: Path, config: dict, four_bit: FourBit, dtype: torch.dtype):
+        self.base, self.four_bit, self.dtype = base, four_bit, dtype
+        self.weights = quantized_weights(base_dir, base, config)
+        self._last: tuple[str, torch.Tensor] | None = None  # the whole tensor the last rows came from
+
+    def __getattr__(self, name: str):  # everything else (names, info, shapes, metadata, source …) is the base's
+        return getattr(self.base, name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.base
+
+    def read(self, name: str) -> torch.Tensor:
+        if name not in self.weights:
+            return self.base.read(name)
+        if self._last is None or self._last[0] != name:
+            stored = self.base.read(name)
+            deq = dequantized(stored.to(self.dtype), self.four_bit, self.weights[name])
+            self._last = (name, deq.to(stored.dtype))
+        return self._last[1]
+
+    def read_rows(self, name: str, start: int, stop: int, scratch=None) -> torch.Tensor:
+        if name not in self.weights:
+            return self.base.read_rows(name, start, stop, scratch)
+        return self.read(name)[start:stop]

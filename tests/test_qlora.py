@@ -112,3 +112,70 @@ def test_four_bit_flags_refused_where_they_do_not_apply(tiny, tmp_path, peft_ada
     result = run_main("merge_lora.py", *args, *four_bit_flags("nf4", True, True))
     assert_user_error(result, "--requantize", "DoRA", "merge without --requantize")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def qlora_taus(tiny, tmp_path_factory, peft_adapters):
+    """τ (extracted against the plain base, and against the 4-bit one) of the tiny adapter merged into the nf4
+    double-quantized base, dequantized (c) and re-quantized (b), and of a small adapter (B scaled down 100×)."""
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("qlora_taus")
+    small = root / "small_adapter"
+    small.mkdir()
+    for item in tiny.adapter.iterdir():
+        if item.name in ("adapter_config.json", "adapter_model.safetensors"):
+            (small / item.name).write_bytes(item.read_bytes())
+    tensors = load_file(small / "adapter_model.safetensors")
+    save_file({k: v * 0.01 if "lora_B" in k else v for k, v in tensors.items()}, small / "adapter_model.safetensors")
+    taus = {}
+    for name, adapter, requantize in (("c", tiny.adapter, False), ("b", tiny.adapter, True), ("small", small, False)):
+        out = root / f"merged_{name}"
+        merged(tiny.base, adapter, out, "bf16", "stream", four_bit_flags("nf4", True, requantize))
+        for against, flags in (("plain", []), ("4bit", four_bit_flags("nf4", True, False))):
+            args = ["--base_model", tiny.base, "--finetuned_model", out, "--output_dir", root / f"tv_{name}_{against}"]
+            assert run_main("extract_task_vectors.py", *args, "--device", "cpu", *flags).returncode == 0
+            taus[name, against] = (root / f"tv_{name}_{against}" / "task_vector.safetensors", adapter)
+    return taus
+
+
+def compare_report(tiny, tmp_path, tau, adapter, *extra):
+    import json
+
+    out = tmp_path / "cmp"
+    args = ["--lora_path", adapter, "--task_vector_path", tau, "--output_dir", out, "--device", "cpu", *extra]
+    result = run_main("compare_lora_task_vector.py", *args)
+    assert result.returncode == 1, result.stderr
+    return json.loads((out / "comparison_report.json").read_text())["summary"]
+
+
+@pytest.mark.parametrize("merge", ["c", "b", "small"])
+def test_compare_names_a_qlora_merge_and_proves_it_with_the_base(tiny, tmp_path, qlora_taus, merge):
+    """Never `unexplained` or `unrelated` (they said "τ is of another adapter or model" for the small adapter)."""
+    tau, adapter = qlora_taus[merge, "plain"]
+    summary = compare_report(tiny, tmp_path, tau, adapter, "--base_model", tiny.base)
+    assert summary["cause"] == "quantized_base" and summary["causes"] == ["quantized_base"]
+    quantization = summary["quantization"]
+    assert quantization["proven"] and (quantization["quant_type"], quantization["double_quant"]) == ("nf4", True)
+    assert quantization["merge"] == ("requantized" if merge == "b" else "dequantized")
+    assert quantization["adapted_reproduced"] == 8 and quantization["weights_outside_the_adapter"] == 4
+    assert "deq(Q(W)) − W bit for bit (nf4, double quantization)" in summary["reason"]
+    assert "--bnb_4bit_quant_type nf4 --bnb_4bit_use_double_quant" in summary["reason"]
+    without = compare_report(tiny, tmp_path / "without", tau, adapter)
+    assert without["cause"] == "quantized_base" and not without["quantization"]["proven"]
+    assert "likely a merge into a 4-bit (QLoRA) base" in without["reason"]
+
+
+def test_tau_against_the_4bit_base_verifies_the_qlora_merge_as_a_bf16_merge(tiny, tmp_path, qlora_taus):
+    """extract --bnb_4bit_quant_type subtracts deq(Q(W)): outside the adapter τ is zero, and compare proves the
+    adapted tensors bit for bit a bf16 merge into that base."""
+    import json
+
+    tau, adapter = qlora_taus["c", "4bit"]
+    stats = json.loads((tau.parent / "task_vector_stats.json").read_text())
+    statuses = {t["name"]: t["status"] for t in stats["tensors"]}
+    assert all(statuses[f"model.layers.{i}.mlp.{m}.weight"] == "unchanged" for i in (0, 1) for m in ("c_fc", "c_proj"))
+    summary = compare_report(tiny, tmp_path, tau, adapter, "--base_model", tiny.base)
+    assert summary["cause"] == "precision_rounding"
+    assert "τ is bit for bit what a bf16 merge of this adapter gives" in summary["reason"]
+    assert "a correct bf16 merge into the nf4, double quantization 4-bit base" in summary["reason"]

@@ -1,0 +1,117 @@
+"""compare's check for a QLoRA merge: τ of a model merged into the 4-bit base (common/quantization.py).
+
+A merge into deq(Q(W)) changes every weight transformers quantizes, the adapter's and the others, by the
+quantization: τ = deq(Q(W)) − W outside the adapter, and τ = (deq(Q(W)) − W) + Δ (plus rounding) on it. Both are
+tested directly, with the base: each quantization (nf4 / fp4, double quantization on and off) is redone on one
+changed weight outside the adapter until one gives τ bit for bit, then on every other; the adapted tensors are merged
+again into that deq(Q(W)), as the dequantized-base merge and as the re-quantizing one, and compared bit for bit.
+Without the base the pattern alone is read (likely): exactly the quantizable weights outside the adapter changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from common.adapter import LoraAdapter
+from common.lora import DeltaPlan, apply_changes, common_rows
+from common.model_layout import EMBEDDING_SUFFIXES, HEAD
+from common.quantization import QUANT_TYPES, FourBit, dequantized, quantized_weights, requantized
+from common.safetensors_io import CheckpointIndex
+from common.task_vector import TauStatus, task_vector
+
+CANDIDATES = [FourBit(q, d) for q in QUANT_TYPES for d in (True, False)]  # QLoRA's own recipe first
+
+
+@dataclass
+class QuantizedMerge:
+    """What compare found: the quantization, where τ is deq(Q(W)) − W bit for bit, and which merge reproduces the
+    adapted tensors (None: not reproduced, or not checked without the base)."""
+
+    four_bit: FourBit | None  # None without the base: the pattern only
+    outside: list[str] = field(default_factory=list)  # quantized weights outside the adapter, τ = deq(Q(W)) − W
+    merge: str | None = None  # "dequantized" (into deq(Q(W))) | "requantized" (re-quantized after the merge)
+    adapted: int = 0  # adapted tensors that merge reproduces bit for bit
+
+    @property
+    def proven(self) -> bool:
+        return self.four_bit is not None
+
+
+def changed_outside(task_vector_only: dict[str, TauStatus]) -> list[str]:
+    return [n for n, s in task_vector_only.items() if s in (TauStatus.CHANGED, TauStatus.UNCLASSIFIED)]
+
+
+def find_quantized_merge(
+    tau: CheckpointIndex,
+    base: CheckpointIndex,
+    base_dir: Path,
+    config: dict,
+    task_vector_only: dict[str, TauStatus],
+    adapter: LoraAdapter,
+    plan: DeltaPlan,
+    merge_dtype: torch.dtype,
+    device: torch.device,
+) -> QuantizedMerge | None:
+    """The quantization that makes τ's changes outside the adapter deq(Q(W)) − W bit for bit, if any."""
+    outside = changed_outside(task_vector_only)
+    quantized = quantized_weights(base_dir, base, config)
+    if not outside or any(name not in quantized for name in outside):
+        return None  # nothing changed outside, or something a 4-bit load does not quantize changed too
+
+    def quantization_of(name: str, four_bit: FourBit) -> bool:
+        weight = base.read(name).to(device)
+        deq = dequantized(weight.to(merge_dtype), four_bit, quantized[name])
+        stored = tau.read(name).to(device)
+        return torch.equal(task_vector(deq, weight, stored.dtype), stored)
+
+    four_bit = next((fb for fb in CANDIDATES if quantization_of(outside[0], fb)), None)
+    if four_bit is None or not all(quantization_of(name, four_bit) for name in outside[1:]):
+        return None
+    found = QuantizedMerge(four_bit, outside)
+    adapted = [s.name for s in plan.specs if s.name in tau and plan.sources[s.name] in quantized]
+    for merge in ("dequantized", "requantized"):
+        context = (found, tau, base, adapter, plan, merge_dtype, device, quantized)
+        if adapted and all(_reproduced(name, merge, *context) for name in adapted):
+            found.merge, found.adapted = merge, len(adapted)
+            break
+    return found
+
+
+def _reproduced(
+    name: str,
+    merge: str,
+    found: QuantizedMerge,
+    tau: CheckpointIndex,
+    base: CheckpointIndex,
+    adapter: LoraAdapter,
+    plan: DeltaPlan,
+    merge_dtype: torch.dtype,
+    device: torch.device,
+    quantized: dict[str, bool],
+) -> bool:
+    """Does merging this tensor into deq(Q(W)) as `merge` give τ bit for bit?"""
+    source = plan.sources[name]
+    weight = base.read(source).to(device)
+    deq = dequantized(weight.to(merge_dtype), found.four_bit, quantized[source])
+    changes = plan.changes[name]
+    if merge == "dequantized":
+        merged = apply_changes(deq, changes, adapter)
+    else:
+        merged32 = apply_changes(deq.float(), changes, adapter)
+        merged = requantized(merged32, found.four_bit, merge_dtype, quantized[source])
+    stored = tau.read(name).to(device)
+    return torch.equal(task_vector(common_rows(merged, weight), weight, stored.dtype), stored)
+
+
+def quantized_pattern(tau: CheckpointIndex, task_vector_only: dict[str, TauStatus]) -> QuantizedMerge | None:
+    """Without the base: every changed tensor outside the adapter is a linear layer's matrix (what a 4-bit load
+    quantizes), and every such matrix changed — the pattern of a merge into a 4-bit base."""
+    outside = changed_outside(task_vector_only)
+    matrices = [n for n in task_vector_only if n.endswith(".weight") and len(tau.info(n).shape) == 2]
+    matrices = [n for n in matrices if not n.endswith(EMBEDDING_SUFFIXES) and n != HEAD]
+    if not outside or set(outside) != set(matrices):
+        return None
+    return QuantizedMerge(None, outside)
