@@ -112,7 +112,7 @@ def write_cast(
     row chunks (on the CPU: a cast rounds the same on every device). True when the output is finite (checked in
     row chunks read into a reused buffer, also for a copy)."""
     stored = base.info(source).dtype
-    copied = stored == spec.dtype
+    copied = stored == spec.dtype and source not in base.four_bit  # a saved 4-bit weight is dequantized, not copied
     if copied:
         writer.copy_from(spec.name, spec.dtype, *base.byte_range(source), spec.nbytes)
     finite = True
@@ -201,6 +201,7 @@ def write_model_files(
     """config.json (recording the dtype written and a resized vocabulary), generation config and tokenizer files
     (the adapter's own when it has them: a resized vocabulary comes with its tokenizer) beside the weights."""
     config = dict(config)
+    config.pop("quantization_config", None)  # a base saved 4-bit is read dequantized: the output is not quantized
     dtype_name = str(precision).removeprefix("torch.")
     config["dtype"] = dtype_name
     if "torch_dtype" in config:

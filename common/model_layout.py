@@ -41,11 +41,25 @@ def read_config(model_dir: Path, required: bool = True) -> dict:
 
 
 def check_base_supported(config: dict, model_dir: Path) -> None:
-    """Refuse what peft's merge refuses too: quantized base checkpoints."""
+    """A base saved 4-bit by bitsandbytes is read dequantized (safetensors_io); other quantized checkpoints
+    (bitsandbytes' 8-bit, GPTQ, AWQ …) are refused by name."""
     quantization = config.get("quantization_config")
-    if quantization:
-        method = quantization.get("quant_method", "quantized") if isinstance(quantization, dict) else "quantized"
-        raise UserError(f"base model {model_dir}: it is {method}-quantized; merge into the unquantized base")
+    if not quantization:
+        return
+    method = quantization.get("quant_method", "quantized") if isinstance(quantization, dict) else "quantized"
+    if method == "bitsandbytes" and quantization.get("load_in_4bit"):
+        with CheckpointIndex(model_dir) as checkpoint:
+            if not checkpoint.four_bit:
+                raise UserError(
+                    f"base model {model_dir}: config.json says it is 4-bit, but its weights are not (no bitsandbytes "
+                    "quantization state): a checkpoint of another model's config?"
+                )
+        return
+    kind = "8-bit (LLM.int8) " if method == "bitsandbytes" else ""
+    raise UserError(
+        f"base model {model_dir}: a {kind}{method}-quantized checkpoint, which is not read (4-bit bitsandbytes "
+        "checkpoints are, dequantized): merge into the unquantized base"
+    )
 
 
 def tied_embedding(checkpoint: CheckpointIndex, config: dict) -> str | None:

@@ -97,13 +97,14 @@ def _reproduced(
     weight = base.read(source).to(device)
     deq = dequantized(weight.to(merge_dtype), found.four_bit, quantized[source])
     changes = plan.changes[name]
-    if merge == "dequantized":
-        merged = apply_changes(deq, changes, adapter)
-    else:
-        merged32 = apply_changes(deq.float(), changes, adapter)
-        merged = requantized(merged32, found.four_bit, merge_dtype, quantized[source])
     stored = tau.read(name).to(device)
-    return torch.equal(task_vector(common_rows(merged, weight), weight, stored.dtype), stored)
+    if merge == "dequantized":
+        candidates = [apply_changes(deq, changes, adapter)]
+    else:  # dequantize() casts to the model's dtype; a model saved still 4-bit keeps the fp32 of the re-quantization
+        merged32 = apply_changes(deq.float(), changes, adapter)
+        again = requantized(merged32, found.four_bit, torch.float32, quantized[source])
+        candidates = [again.to(merge_dtype), again]
+    return any(torch.equal(task_vector(common_rows(m, weight), weight, stored.dtype), stored) for m in candidates)
 
 
 def quantized_pattern(tau: CheckpointIndex, task_vector_only: dict[str, TauStatus]) -> QuantizedMerge | None:

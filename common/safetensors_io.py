@@ -230,6 +230,8 @@ class CheckpointIndex:
             self.metadata.update(metadata)
         if weight_map is not None:
             _check_index(self.source, weight_map, self.tensors)
+        self.four_bit: dict[str, dict[str, TensorInfo]] = self._find_four_bit()
+        self._dequantized: tuple[str, torch.Tensor] | None = None  # the last 4-bit weight read, whole
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -247,6 +249,30 @@ class CheckpointIndex:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: info.shape for name, info in self.tensors.items()}
 
+    def _find_four_bit(self) -> dict[str, dict[str, TensorInfo]]:
+        """A checkpoint saved 4-bit by transformers (bitsandbytes): each packed weight is shown as the weight it
+        holds (its dtype and shape), read dequantized; the tensors of its quantization state are hidden."""
+        if not any(".quant_state.bitsandbytes__" in name for name in self.tensors):
+            return {}
+        from common.quantization import saved_four_bit, saved_state_layout
+
+        found = {}
+        for weight, parts in saved_four_bit(list(self.tensors)).items():
+            packed = self.tensors[weight]
+            state = {part.removeprefix(f"{weight}."): self.tensors.pop(part) for part in parts}
+            blob = next(info for key, info in state.items() if key.startswith("quant_state."))
+            dtype, shape = saved_state_layout(self.read_raw(blob))
+            size = math.prod(shape) * dtype.itemsize
+            self.tensors[weight] = TensorInfo(weight, packed.path, dtype, shape, packed.start, packed.start + size)
+            found[weight] = {"packed": packed, **state}
+        return found
+
+    def read_raw(self, info: TensorInfo) -> torch.Tensor:
+        out = torch.empty(info.shape, dtype=info.dtype)
+        if out.numel():
+            read_bytes_into(self._file(info.path), out, info.start)
+        return out
+
     def read(self, name: str) -> torch.Tensor:
         """One whole tensor, in its stored dtype."""
         info = self.tensors[name]
@@ -255,6 +281,8 @@ class CheckpointIndex:
     def read_rows(self, name: str, start: int, stop: int, scratch: Scratch | None = None) -> torch.Tensor:
         """Rows `start:stop` of a tensor (along its first dimension), in its stored dtype: a tensor of its
         own, or a view of `scratch` (valid until its next use)."""
+        if name in self.four_bit:
+            return self._read_four_bit(name)[start:stop]
         info = self.tensors[name]
         rows = info.shape[0] if info.shape else 1
         if not 0 <= start <= stop <= rows:
@@ -264,6 +292,14 @@ class CheckpointIndex:
         if out.numel():
             read_bytes_into(self._file(info.path), out, info.start + start * (info.nbytes // rows))
         return out
+
+    def _read_four_bit(self, name: str) -> torch.Tensor:
+        if self._dequantized is None or self._dequantized[0] != name:
+            from common.quantization import dequantize_saved
+
+            parts = {key: self.read_raw(info) for key, info in self.four_bit[name].items()}
+            self._dequantized = (name, dequantize_saved(parts.pop("packed"), parts))
+        return self._dequantized[1]
 
     def byte_range(self, name: str) -> tuple[int, int]:
         """The open file descriptor holding a tensor and the tensor's absolute byte offset in it."""

@@ -178,16 +178,26 @@ def test_pickles_are_never_executed(tiny, tmp_path):
     assert not marker.exists()
 
 
-def test_quantized_base_is_refused(tiny, tmp_path):
+@pytest.mark.parametrize(
+    "quantization, says",
+    [
+        ({"quant_method": "gptq", "bits": 4}, "a gptq-quantized checkpoint, which is not read"),
+        (
+            {"quant_method": "bitsandbytes", "load_in_4bit": True},
+            "config.json says it is 4-bit, but its weights are not",
+        ),
+    ],
+)
+def test_quantized_base_that_cannot_be_read_is_refused(tiny, tmp_path, quantization, says):
     base = tmp_path / "quantized"
     shutil.copytree(tiny.base, base)
     config = json.loads((base / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    config["quantization_config"] = quantization
     (base / "config.json").write_text(json.dumps(config))
     result = run_main(
         "merge_lora.py", "--base_model", base, "--lora_path", tiny.adapter, "--output_dir", tmp_path / "o"
     )
-    assert_user_error(result, "bitsandbytes-quantized")
+    assert_user_error(result, says)
 
 
 def test_final_line_reports_changes_time_and_peak_memory(tiny, tmp_path):

@@ -179,3 +179,65 @@ def test_tau_against_the_4bit_base_verifies_the_qlora_merge_as_a_bf16_merge(tiny
     assert summary["cause"] == "precision_rounding"
     assert "τ is bit for bit what a bf16 merge of this adapter gives" in summary["reason"]
     assert "a correct bf16 merge into the nf4, double quantization 4-bit base" in summary["reason"]
+
+
+@pytest.fixture(scope="module")
+def saved_four_bit(tiny, tmp_path_factory):
+    """The tiny base saved 4-bit by transformers (nf4, double quantization), and the tiny adapter merged by peft into
+    the 4-bit model and saved still 4-bit (the re-quantizing merge, without dequantize())."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from common.quantization import FourBit, bnb_config
+
+    root = tmp_path_factory.mktemp("saved_4bit")
+    quantization = bnb_config(FourBit("nf4", True), torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(tiny.base, dtype=torch.bfloat16, quantization_config=quantization)
+    model.save_pretrained(root / "base")
+    model = AutoModelForCausalLM.from_pretrained(tiny.base, dtype=torch.bfloat16, quantization_config=quantization)
+    PeftModel.from_pretrained(model, tiny.adapter).merge_and_unload().save_pretrained(root / "merged")
+    return root / "base", root / "merged"
+
+
+def test_a_base_saved_4bit_is_read_as_transformers_dequantizes_it(tiny, tmp_path, saved_four_bit):
+    """Every tensor read as transformers' dequantize() of the loaded 4-bit checkpoint holds it, and merging into it
+    is the merge into the dequantized 4-bit base, bit for bit, no flags needed."""
+    from transformers import AutoModelForCausalLM
+
+    from common.safetensors_io import CheckpointIndex
+
+    base, _ = saved_four_bit
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).dequantize()
+    theirs = {name: tensor.detach() for name, tensor in model.state_dict().items()}
+    with CheckpointIndex(base) as checkpoint:
+        assert len(checkpoint.four_bit) == 12 and not any(".absmax" in n for n in checkpoint.names())
+        for name in checkpoint.names():
+            assert torch.equal(checkpoint.read(name), theirs[name]), name
+    ours = merged(base, tiny.adapter, tmp_path / "from_saved", "bf16", "stream", [])
+    assert_bitwise(
+        ours, merged(tiny.base, tiny.adapter, tmp_path / "flags", "bf16", "stream", four_bit_flags("nf4", True, False))
+    )
+    assert "quantization_config" not in (tmp_path / "from_saved" / "config.json").read_text()
+
+
+def test_a_merge_saved_still_4bit_is_extracted_and_named(tiny, tmp_path, saved_four_bit):
+    """Its 4-bit tensors are read, never dropped (extract dropped them), and compare names the re-quantizing merge."""
+    _, merged_4bit = saved_four_bit
+    args = ["--base_model", tiny.base, "--finetuned_model", merged_4bit, "--output_dir", tmp_path / "tv"]
+    assert run_main("extract_task_vectors.py", *args, "--device", "cpu").returncode == 0
+    summary = compare_report(tiny, tmp_path, tmp_path / "tv" / "task_vector.safetensors", tiny.adapter,
+                             "--base_model", tiny.base)  # fmt: skip
+    assert summary["cause"] == "quantized_base" and summary["quantization"]["merge"] == "requantized"
+
+
+def test_an_8bit_checkpoint_is_refused_by_name(tiny, tmp_path):
+    import json
+    import shutil
+
+    base = tmp_path / "base8"
+    shutil.copytree(tiny.base, base)
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True, "load_in_4bit": False}
+    (base / "config.json").write_text(json.dumps(config))
+    args = ["--base_model", base, "--lora_path", tiny.adapter, "--output_dir", tmp_path / "o"]
+    assert_user_error(run_main("merge_lora.py", *args), "8-bit (LLM.int8) bitsandbytes-quantized checkpoint")
