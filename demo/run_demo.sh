@@ -44,4 +44,19 @@ for precision in fp32 fp16; do
 done
 
 echo
+echo "== QLoRA: the adapter merged into the nf4 double-quantized 4-bit base, and compare's verdict =="
+run $PY merge_lora.py --base_model "$OUT/base_model" --lora_path "$OUT/checkpoint-5" --output_dir "$OUT/merged_qlora" \
+    --precision bf16 --bnb_4bit_quant_type nf4 --bnb_4bit_use_double_quant
+run $PY extract_task_vectors.py --base_model "$OUT/base_model" --finetuned_model "$OUT/merged_qlora" \
+    --output_dir "$OUT/task_vectors_qlora"
+status=0
+run $PY compare_lora_task_vector.py --base_model "$OUT/base_model" --lora_path "$OUT/checkpoint-5" \
+    --task_vector_path "$OUT/task_vectors_qlora/task_vector.safetensors" \
+    --output_dir "$OUT/comparison_results_qlora" || status=$?
+if [ "$status" != 1 ]; then
+    echo "demo: expected compare to exit 1 (a QLoRA merge is not τ = Δ), got $status" >&2
+    exit 1
+fi
+
+echo
 echo "== done: reports and plots are in $OUT/ =="
