@@ -36,6 +36,7 @@ class Analysis:
     residual_energy: float = 0.0  # Σ ‖τ − Δ‖²_F over τ's tensors (Δ = 0 where the adapter does not reach)
     ulp_samples: list[torch.Tensor] = field(default_factory=list)  # per tensor, (τ − Δ) in ulps (with a base)
     export: LoraExport | None = None  # --export_lora: τ as a LoRA adapter
+    quantized_base: str | None = None  # τ of a merge into this 4-bit base (compare's check), described
 
 
 @dataclass
@@ -97,6 +98,7 @@ def analyze_files(
     exporter: LoraExporter | None = None,
     base: CheckpointIndex | None = None,
     intruders: tuple[int, float] = (TOP_K, EPSILON),
+    quantization: Callable[[str, torch.Tensor], torch.Tensor | None] | None = None,
 ) -> Analysis:
     """Analyze every matrix Δ against τ (none when `deltas` is None: τ alone), then τ's other changed matrices on
     their own; hand every changed tensor to `exporter`.
@@ -129,6 +131,8 @@ def analyze_files(
         spectrum.lora_rank = item.lora_rank
         _count_energy(analysis, item.name, decomposition.energy, spectrum.residual_rms**2 * tau.numel())
         spectrum.intruder_dimensions = count_intruders(item.base_weight, tau, intruders)
+        if quantization is not None and item.base_weight is not None:
+            add_quantization(spectrum, quantization(item.name, item.base_weight), item.delta, tau)
         if item.base_weight is not None and merge_dtype is not None and item.base_weight.shape == tau.shape:
             analysis.ulp_samples.append(add_residual_in_ulps(spectrum, item, tau, merge_dtype))
         analysis.tensors.append(spectrum)
@@ -187,6 +191,20 @@ def analyze_other(
         on_tensor(f"{name}: rank τ {spectrum.rank}, 90% of ‖τ‖² in {spectrum.energy_rank_90} directions")
     if exporter is not None:
         exporter.add(name, tau, weight, None, decomposition)
+
+
+def add_quantization(
+    spectrum: TensorSpectrum, quantization: torch.Tensor | None, delta: torch.Tensor, tau: torch.Tensor
+) -> None:
+    """A QLoRA merge's quantization q = deq(Q(W)) − W against Δ (‖q‖/‖Δ‖) and the share of ‖τ − Δ‖² it explains,
+    1 − ‖τ − Δ − q‖²/‖τ − Δ‖² (float64)."""
+    if quantization is None:
+        return
+    q, residual = quantization.double(), tau.double() - delta.double()
+    spectrum.quantization_ratio = float(q.norm() / delta.double().norm()) if delta.any() else None
+    left = float((residual - q).square().sum())
+    whole = float(residual.square().sum())
+    spectrum.quantization_explained = 1 - left / whole if whole else None
 
 
 def count_intruders(weight: torch.Tensor | None, tau: torch.Tensor, settings: tuple[int, float]) -> int | None:

@@ -50,9 +50,9 @@ def _total(values) -> int | None:
 
 def findings(analysis: Analysis) -> list[str]:
     """The report's conclusions, in plain language, from the numbers alone."""
-    lines = []
+    lines = quantization_findings(analysis)
     if analysis.tensors:
-        lines += rank_findings(analysis) + subspace_findings(analysis.tensors) + base_findings(analysis)
+        lines += rank_findings(analysis) + subspace_findings(analysis) + base_findings(analysis)
         others = len(analysis.task_vector_only_nonzero)
         lines.append(
             f"Tensors in τ that the adapter does not touch: {others + analysis.task_vector_only_unchanged} "
@@ -141,18 +141,47 @@ def rank_findings(analysis: Analysis) -> list[str]:
     lines.append(
         f"{n - same_rank} of {n} task-vector tensors have a higher numerical rank than Δ "
         f"(up to {max(s.rank_task_vector for s in spectra)}{bound})"
-        ": full-rank noise on top of the LoRA update"
-        + (
-            f", as {a_dtype(analysis.merge_dtype)} merge's rounding produces."
-            if analysis.merge_dtype != "fp32"
-            else "."
-        )
+        f": full-rank noise on top of the LoRA update{_said(_noise_source(analysis))}."
     )
     return lines
 
 
-def subspace_findings(spectra: list[TensorSpectrum]) -> list[str]:
+def _said(source: str) -> str:
+    return f" — {source}" if source else ""
+
+
+def _noise_source(analysis: Analysis) -> str:
+    """What the residual's noise is, as far as the numbers show it: the 4-bit quantization (measured), a merge's
+    rounding (proven with the base), or not said."""
+    if analysis.quantized_base:
+        return "the 4-bit quantization of a QLoRA merge"
+    checked = [s.within_rounding for s in analysis.tensors if s.within_rounding is not None]
+    if checked and all(checked) and analysis.merge_dtype != "fp32":
+        return f"the rounding of {a_dtype(analysis.merge_dtype)} merge, every element within its bound"
+    if checked:
+        return "more than rounding explains"
+    return ""
+
+
+def quantization_findings(analysis: Analysis) -> list[str]:
+    """τ of a merge into a 4-bit base: how large the quantization is against Δ, and how much of τ − Δ it explains."""
+    spectra = [s for s in analysis.tensors if s.quantization_explained is not None]
+    if not analysis.quantized_base or not spectra:
+        return []
+    ratios = [s.quantization_ratio for s in spectra if s.quantization_ratio is not None]
+    explained = [s.quantization_explained for s in spectra]
+    return [
+        f"τ is of a merge into the {analysis.quantized_base} 4-bit base (QLoRA): on the {len(spectra)} adapted "
+        f"tensors the quantization deq(Q(W)) − W is ‖·‖/‖Δ‖ median {statistics.median(ratios):.3g} "
+        f"({min(ratios):.3g}–{max(ratios):.3g}) of the adapter's update and explains a median "
+        f"{100 * statistics.median(explained):.4g}% of ‖τ − Δ‖²_F (min {100 * min(explained):.4g}%): the floor under "
+        "the LoRA subspace is the quantization, not rounding."
+    ]
+
+
+def subspace_findings(analysis: Analysis) -> list[str]:
     """Angles between the top-r subspaces, the relative error, the noise floor and the effective rank."""
+    spectra = analysis.tensors
     angle = max(s.principal_angle_deg for s in spectra)
     energy = min(s.energy_in_lora_rank for s in spectra)
     errors = [s.rel_error for s in spectra]
@@ -166,7 +195,7 @@ def subspace_findings(spectra: list[TensorSpectrum]) -> list[str]:
     if ratios:
         lines.append(
             f"σ_(r+1)(τ) is {min(ratios):.2f}–{max(ratios):.2f}× the noise floor predicted from the residual, "
-            "RMS(τ − Δ)·(√m + √n): what lies under the LoRA subspace is unstructured rounding noise."
+            f"RMS(τ − Δ)·(√m + √n): {_floor_reading(analysis, ratios)}"
         )
     lora_ranks = sorted({s.rank_lora for s in spectra})
     effective = statistics.median(s.effective_rank_lora for s in spectra)
@@ -175,6 +204,22 @@ def subspace_findings(spectra: list[TensorSpectrum]) -> list[str]:
         "how evenly the adapter spreads its update over its directions."
     )
     return lines
+
+
+NOISE_LIKE = (0.5, 1.5)  # σ_(r+1) of an unstructured residual sits near RMS·(√m + √n) (measured 0.8–1.0)
+
+
+def _floor_reading(analysis: Analysis, ratios: list[float]) -> str:
+    """What the ratio says: near 1, the residual under Δ's subspace is unstructured noise (of what, when the numbers
+    show it); far below, the residual is not noise but lies in few directions (inside Δ's subspace or beside it)."""
+    if NOISE_LIKE[0] <= min(ratios) and max(ratios) <= NOISE_LIKE[1]:
+        return f"what lies under the LoRA subspace is unstructured noise{_said(_noise_source(analysis))}."
+    if max(ratios) < NOISE_LIKE[0]:
+        return (
+            "far below what unstructured noise gives: τ − Δ is not noise but lies in a few directions (a scaled "
+            "or another update, not rounding)."
+        )
+    return "not the ratio unstructured noise gives in every tensor: τ − Δ is structured in some of them."
 
 
 def base_findings(analysis: Analysis) -> list[str]:

@@ -60,6 +60,8 @@ class TensorSpectrum:
     residual_max_ulps: float | None = None  # max |τ − Δ| in ulps of the merge dtype at the merged weight
     residual_rms_ulps: float | None = None  # RMS of the same (needs the base weights)
     within_rounding: bool | None = None  # every |τ − Δ| within what a merge at that precision can round
+    quantization_ratio: float | None = None  # ‖deq(Q(W)) − W‖/‖Δ‖: a QLoRA merge's 4-bit quantization against Δ
+    quantization_explained: float | None = None  # share of ‖τ − Δ‖² the quantization explains
     singular_values_lora: list[float] = field(default_factory=list)
     singular_values_task_vector: list[float] = field(default_factory=list)
 

@@ -241,3 +241,19 @@ def test_an_8bit_checkpoint_is_refused_by_name(tiny, tmp_path):
     (base / "config.json").write_text(json.dumps(config))
     args = ["--base_model", base, "--lora_path", tiny.adapter, "--output_dir", tmp_path / "o"]
     assert_user_error(run_main("merge_lora.py", *args), "8-bit (LLM.int8) bitsandbytes-quantized checkpoint")
+
+
+def test_analyze_names_the_quantization_floor_not_rounding(tiny, tmp_path, qlora_taus):
+    """analyze blamed "bf16 rounding noise" for a residual 30–55× a bf16 merge's: it is the 4-bit quantization."""
+    import json
+
+    tau, adapter = qlora_taus["c", "plain"]
+    args = ["--task_vector_file", tau, "--lora_path", adapter, "--base_model", tiny.base, "--skip_plots"]
+    result = run_main("analyze_lora_vs_task_vector_math.py", *args, "--output_dir", tmp_path / "a", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    analysis = json.loads((tmp_path / "a" / "analysis.json").read_text())
+    findings = analysis["summary"]["findings"]
+    assert findings[0].startswith("τ is of a merge into the nf4, double quantization 4-bit base (QLoRA)")
+    assert not any("rounding noise" in line or "rounding produces" in line for line in findings)
+    explained = [t["quantization_explained"] for t in analysis["tensors"]]
+    assert len(explained) == 8 and min(explained) > 0.99  # the rest is bf16 rounding
