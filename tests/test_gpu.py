@@ -123,3 +123,19 @@ def test_cuda_check_logits_agrees_with_the_cpu(tiny, pipeline, tmp_path, qlora_m
     assert fp32["top1_agreement"] == 1.0 and fp32["continuations_identical"] == fp32["prompts"]
     assert fp32["max_abs_logit_diff"] < 1e-4
     assert figures["cuda:0 qlora_c"]["mean_kl"] * 10 < figures["cuda:0 qlora_a"]["mean_kl"]
+
+
+@pytest.mark.parametrize("requantize", [False, True])
+def test_cuda_qlora_merge_is_bitwise_the_real_path_on_cuda(tiny, tmp_path, requantize):
+    """The QLoRA merge on cuda:0 quantizes with bitsandbytes' CUDA kernels (another deq(Q(W)) than the CPU's with
+    double quantization: docs/gpu.md); it must equal transformers' 4-bit load + peft on cuda:0 bit for bit."""
+    flags = ["--bnb_4bit_quant_type", "nf4", "--bnb_4bit_use_double_quant"] + ["--requantize"] * requantize
+    outputs = {}
+    for engine in ("stream", "peft"):
+        out = tmp_path / engine
+        args = ["--base_model", tiny.base, "--lora_path", tiny.adapter, "--output_dir", out, "--precision", "bf16"]
+        result = run_script("merge_lora.py", *args, "--device", "cuda:0", "--engine", engine, *flags)
+        assert result.returncode == 0, result.stderr
+        outputs[engine] = load_weights(out)
+    assert outputs["stream"].keys() == outputs["peft"].keys()
+    assert [n for n, t in outputs["peft"].items() if not torch.equal(t, outputs["stream"][n])] == []
