@@ -25,7 +25,7 @@ import contextlib
 from pathlib import Path
 
 from common.adapter import LoraAdapter
-from common.analysis import Analysis, analyze_files, deltas_from_adapter, deltas_from_file
+from common.analysis import Analysis, VerdictEvidence, analyze_files, deltas_from_adapter, deltas_from_file
 from common.analysis_report import analysis_markdown, analysis_report
 from common.cli import (
     add_overwrite,
@@ -54,11 +54,11 @@ from common.lora import plan_deltas
 from common.model_layout import read_config
 from common.outputs import check_output_dir, staged_output_dir
 from common.precision import dtype_from_name
-from common.quantization import DequantizedBase, FourBit, dequantized, quantized_weights
-from common.quantized_merge import find_quantized_merge
+from common.quantization import DequantizedBase, FourBit
+from common.quantized_merge import quantization_of
 from common.safetensors_io import CheckpointIndex
 from common.sources import resolve_adapter, resolve_model
-from common.task_vector import TauStatus, stats_beside, stored_status
+from common.task_vector import ExtractionRecord, stats_beside
 from common.task_vector_of_models import TaskVectorOfModels
 
 
@@ -109,11 +109,13 @@ def main(argv: list[str] | None = None) -> int:
             sources = {"base_model": args.base_model, "finetuned_model": args.finetuned_model}
             task_vector = TaskVectorOfModels(base, finetuned, sources)
             known = task_vector.statuses
+            record = ExtractionRecord(dict(known))
             for line in task_vector.extraction.left_out_lines():
                 log.info(line)
         else:
             task_vector = stack.enter_context(CheckpointIndex(args.task_vector_file))
-            known = stats_beside(task_vector, args.task_vector_file).status
+            record = stats_beside(task_vector, args.task_vector_file)
+            known = record.status
             four_bit = FourBit.recorded(task_vector.metadata)
             merge_dtype = dtype_from_name(task_vector.metadata.get("finetuned_dtype", ""))
             if base is not None and four_bit is not None and merge_dtype is not None:  # τ of the 4-bit base
@@ -132,16 +134,20 @@ def main(argv: list[str] | None = None) -> int:
         recorded_base = recorded_base_dir(base_dir, task_vector.metadata)  # the export reads the base τ records
         check_output_dir(args.output_dir, inputs + ([recorded_base] if recorded_base else []), args.overwrite)
         staging = stack.enter_context(staged_output_dir(args.output_dir, args.overwrite))
-        quantization = None
+        found, quantization = None, None
         if adapter is not None and base is not None and not isinstance(base, DequantizedBase):
-            quantization = quantization_of(task_vector, base, base_dir, known, adapter, plan, device)
+            found, quantization = quantization_of(task_vector, base, base_dir, known, adapter, plan, device)
+        verdict = None
+        if adapter is not None:  # compare's evidence, gathered on the way: the headline is compare's diagnosis
+            verdict = VerdictEvidence(adapter, plan, task_vector, base, args.base_model, record)
         with tensor_progress(count, "analyze", args.verbose) as step:
             intruders = (args.intruder_k, args.intruder_epsilon)
             analysis = analyze_files(
-                deltas, task_vector, device, step, args.full_svd, known, exporter, base, intruders,
-                quantization[1] if quantization else None,
+                deltas, task_vector, device, step, args.full_svd, known, exporter, base, intruders, quantization,
+                verdict,
             )  # fmt: skip
-        analysis.quantized_base = quantization[0] if quantization else None
+        analysis.quantized_base = found.four_bit.describe() if found else None
+        analysis.verdict = verdict.diagnose(task_vector, base, known, found) if verdict else None
         analysis.lora_source = "lora_path" if adapter else "lora_file" if args.lora_file else None
         if exporter is not None:
             base_model = task_vector.metadata.get("base_model") or args.base_model
@@ -182,37 +188,6 @@ def add_export_flags(parser) -> None:
         default="lora",
         help="an embedding as an embedding LoRA, or as a full copy (modules_to_save; needs --base_model)",
     )
-
-
-def quantization_of(task_vector, base, base_dir, known, adapter, plan, device):
-    """For τ of a merge into a 4-bit base (compare's check: common/quantized_merge.py), its description and each
-    adapted tensor's quantization deq(Q(W)) − W; None when τ is not one (or bitsandbytes is not here)."""
-    merge_dtype = dtype_from_name(task_vector.metadata.get("finetuned_dtype", ""))
-    if merge_dtype is None:
-        return None
-    statuses = {
-        name: TauStatus(known[name]) if name in known else stored_status(name, task_vector, base, merge_dtype, None)
-        for name in task_vector.names()
-        if name not in plan.changes
-    }
-    try:
-        found = find_quantized_merge(
-            task_vector, base, base_dir, read_config(base_dir), statuses, adapter, plan, merge_dtype, device
-        )
-    except UserError:
-        return None
-    if found is None:
-        return None
-    weights = quantized_weights(base_dir, base, read_config(base_dir))
-
-    def quantization(name: str, weight):
-        source = plan.sources.get(name, name)
-        if source not in weights:
-            return None
-        deq = dequantized(weight.to(merge_dtype), found.four_bit, weights[source])
-        return deq.double() - weight.double()
-
-    return found.four_bit.describe(), quantization
 
 
 def make_exporter(

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import torch
 
 from common.adapter import LoraAdapter, LoraTarget, ParameterPiece
+from common.compare import compare_pair, new_comparison
+from common.diagnosis import Diagnosis, diagnose
 from common.errors import UserError
 from common.export import LoraExport, LoraExporter
 from common.finite import require_finite
@@ -17,9 +19,11 @@ from common.intruders import EPSILON, TOP_K, intruder_dimensions
 from common.lora import DeltaPlan, exact_delta, product_magnitude, rounded_at_dtype
 from common.metrics import rounding_residual, squared_norm
 from common.precision import dtype_from_name
+from common.quantization import FourBit
+from common.quantized_merge import QuantizedMerge, quantized_pattern
 from common.safetensors_io import CheckpointIndex
 from common.spectra import TaskVectorSpectrum, TensorSpectrum, analyze_task_vector, analyze_tensor, factor_spectrum
-from common.task_vector import TauStatus, stored_status
+from common.task_vector import ExtractionRecord, TauStatus, stored_status
 
 
 @dataclass
@@ -37,6 +41,51 @@ class Analysis:
     ulp_samples: list[torch.Tensor] = field(default_factory=list)  # per tensor, (τ − Δ) in ulps (with a base)
     export: LoraExport | None = None  # --export_lora: τ as a LoRA adapter
     quantized_base: str | None = None  # τ of a merge into this 4-bit base (compare's check), described
+    verdict: Diagnosis | None = None  # compare's diagnosis of τ against Δ, from the same evidence (with an adapter)
+
+
+class VerdictEvidence:
+    """compare's evidence gathered while the analysis holds each Δ and τ (compare.compare_pair), and compare's
+    diagnosis of it at the end: analyze's headline is compare's verdict, not a second one (tolerance: compare's
+    default, 1e-5)."""
+
+    TOLERANCE = 1e-5
+
+    def __init__(
+        self,
+        adapter: LoraAdapter,
+        plan: DeltaPlan,
+        task_vector: CheckpointIndex,
+        base: CheckpointIndex | None,
+        base_name: str | None,
+        record: ExtractionRecord,
+    ):
+        self.adapter, self.plan, self.record = adapter, plan, record
+        self.comparison = new_comparison(adapter, task_vector, base, base_name, self.TOLERANCE)
+
+    def add(self, name: str, delta: torch.Tensor, tau: torch.Tensor, weight: torch.Tensor | None) -> None:
+        if name in self.plan.changes:
+            changes = self.plan.changes[name]
+            compare_pair(self.comparison, name, delta, tau, weight, changes, self.adapter, self.record)
+
+    def diagnose(
+        self,
+        task_vector: CheckpointIndex,
+        base: CheckpointIndex | None,
+        known: Mapping[str, str],
+        quantized: QuantizedMerge | None,
+    ) -> Diagnosis:
+        c = self.comparison
+        c.lora_only = [s.name for s in self.plan.specs if s.name not in task_vector]
+        c.lora_only_status = {n: known[n] for n in c.lora_only if n in known}
+        for name in task_vector.names():
+            if name not in self.plan.changes:
+                c.task_vector_only[name] = stored_status(name, task_vector, base, c.merge_dtype, known)
+        if quantized is not None:
+            c.quantized = quantized
+        elif base is None and FourBit.recorded(task_vector.metadata) is None:
+            c.quantized = quantized_pattern(task_vector, c.task_vector_only)
+        return diagnose(c)
 
 
 @dataclass
@@ -99,6 +148,7 @@ def analyze_files(
     base: CheckpointIndex | None = None,
     intruders: tuple[int, float] = (TOP_K, EPSILON),
     quantization: Callable[[str, torch.Tensor], torch.Tensor | None] | None = None,
+    verdict: VerdictEvidence | None = None,
 ) -> Analysis:
     """Analyze every matrix Δ against τ (none when `deltas` is None: τ alone), then τ's other changed matrices on
     their own; hand every changed tensor to `exporter`.
@@ -119,6 +169,8 @@ def analyze_files(
             raise UserError(
                 f"{item.name}: LoRA delta {list(item.delta.shape)} and task vector {list(tau.shape)} do not match"
             )
+        if verdict is not None:
+            verdict.add(item.name, item.delta, tau, item.base_weight)
         if item.delta.dim() != 2:
             _count_energy(analysis, item.name, squared_norm(tau), squared_norm(tau, item.delta))
             analysis.not_matrices.append(item.name)

@@ -14,6 +14,7 @@ from dataclasses import asdict
 
 from common.analysis import Analysis
 from common.export import FOLDER, LoraExport
+from common.finite import json_number
 from common.precision import a_dtype
 from common.spectra import TensorSpectrum
 
@@ -50,7 +51,7 @@ def _total(values) -> int | None:
 
 def findings(analysis: Analysis) -> list[str]:
     """The report's conclusions, in plain language, from the numbers alone."""
-    lines = quantization_findings(analysis)
+    lines = verdict_findings(analysis) + quantization_findings(analysis)
     if analysis.tensors:
         lines += rank_findings(analysis) + subspace_findings(analysis) + base_findings(analysis)
         others = len(analysis.task_vector_only_nonzero)
@@ -67,10 +68,23 @@ def findings(analysis: Analysis) -> list[str]:
     return lines
 
 
+def verdict_findings(analysis: Analysis) -> list[str]:
+    """The headline: what τ is against Δ, compare's diagnosis of the same evidence (with an adapter)."""
+    if analysis.verdict is None:
+        return []
+    return [f"Verdict ({analysis.verdict.cause}, as compare gives it): {analysis.verdict.reason}."]
+
+
 def reproduced_finding(analysis: Analysis) -> str:
-    """The share of ‖τ‖² the adapter reproduces: 1 − Σ‖τ − Δ‖² / Σ‖τ‖² over every tensor of τ."""
+    """The share of ‖τ‖² the adapter reproduces: 1 − Σ‖τ − Δ‖² / Σ‖τ‖² over every tensor of τ — a share only when
+    it is one (Δ pointing elsewhere makes ‖τ − Δ‖ exceed ‖τ‖)."""
     total = sum(analysis.energy.values())
     share = 1 - analysis.residual_energy / total if total else 1.0
+    if share < 0:
+        return (
+            f"Δ explains none of τ: Σ‖τ − Δ‖² is {analysis.residual_energy / total:.3g}× Σ‖τ‖²_F (‖τ − Δ‖ exceeds "
+            "‖τ‖: subtracting the adapter's update moves τ further from zero)."
+        )
     return f"The adapter reproduces {100 * share:.6g}% of ‖τ‖²_F (1 − Σ‖τ − Δ‖² / Σ‖τ‖² over every tensor of τ)."
 
 
@@ -267,6 +281,7 @@ def analysis_report(analysis: Analysis) -> dict:
             "intruder_dimensions_total": _intruders_total(analysis),
             "task_vector_only_nonzero": analysis.task_vector_only_nonzero,
             "findings": findings(analysis),
+            **verdict_summary(analysis),
         },
         "by_module": aggregate(analysis.tensors, lambda s: s.module),
         "by_layer": aggregate(analysis.tensors, lambda s: s.layer),
@@ -274,6 +289,15 @@ def analysis_report(analysis: Analysis) -> dict:
         "task_vector_tensors": [asdict(s) for s in analysis.task_vector_tensors],
         **({"export_lora": export_report(analysis.export)} if analysis.export is not None else {}),
     }
+
+
+def verdict_summary(analysis: Analysis) -> dict:
+    """compare's cause, causes, reason and evidence, as its comparison_report.json's summary holds them."""
+    verdict = analysis.verdict
+    if verdict is None:
+        return {"cause": None, "causes": [], "reason": None, "evidence": {}}
+    evidence = {k: json_number(v) for k, v in verdict.evidence.items()}
+    return {"cause": verdict.cause, "causes": verdict.causes, "reason": verdict.reason, "evidence": evidence}
 
 
 def _intruders_total(analysis: Analysis) -> int | None:

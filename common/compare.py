@@ -104,6 +104,36 @@ def compare_adapter(
 ) -> Comparison:
     """Compute each Δ in float64, save it (fp32) and compare it with τ; classify τ-only tensors."""
     record = record or ExtractionRecord()
+    comparison = new_comparison(adapter, task_vector, base, base_name, tolerance)
+    merge_dtype = comparison.merge_dtype
+    check_task_vector_shapes(plan, task_vector)
+    for spec in plan.specs:
+        delta, weight = exact_delta(spec.name, plan, adapter, base, device, merge_dtype)
+        deltas_writer.write(spec.name, delta.float())
+        if spec.name not in task_vector:
+            comparison.lora_only.append(spec.name)
+            if spec.name in record.status:  # left out of τ by --skip_unchanged: the stats still say what it holds
+                comparison.lora_only_status[spec.name] = record.status[spec.name]
+            continue
+        tau = task_vector.read(spec.name).to(device)
+        require_finite(tau, f"{task_vector.source}: task vector tensor {spec.name}")
+        result = compare_pair(comparison, spec.name, delta, tau, weight, plan.changes[spec.name], adapter, record)
+        on_tensor(f"{spec.name}: cosine {result.cosine:.6f}, max |τ−Δ| {result.max_abs_diff:.2e}, {result.status}")
+    for name in task_vector.names():
+        if name not in plan.changes:
+            comparison.task_vector_only[name] = stored_status(name, task_vector, base, merge_dtype, record.status)
+    return comparison
+
+
+def new_comparison(
+    adapter: LoraAdapter,
+    task_vector: CheckpointIndex,
+    base: CheckpointIndex | None,
+    base_name: str | None,
+    tolerance: float,
+) -> Comparison:
+    """An empty comparison of this τ with this adapter: the merge dtype and the 4-bit base τ's header records, the
+    adapter's scaling, and the identities of the base τ records and of the one given."""
     merge_dtype = dtype_from_name(task_vector.metadata.get("finetuned_dtype", ""))
     config = adapter.config
     scaling = (config.get("lora_alpha", 8), config.get("r", 8), bool(config.get("use_rslora", False)))
@@ -117,34 +147,33 @@ def compare_adapter(
     comparison = Comparison(tolerance, merge_dtype, scaling, identity, with_base=base is not None)
     four_bit = FourBit.recorded(task_vector.metadata)
     comparison.base_4bit = four_bit.describe() if four_bit else None
-    check_task_vector_shapes(plan, task_vector)
-    for spec in plan.specs:
-        delta, weight = exact_delta(spec.name, plan, adapter, base, device, merge_dtype)
-        deltas_writer.write(spec.name, delta.float())
-        if spec.name not in task_vector:
-            comparison.lora_only.append(spec.name)
-            if spec.name in record.status:  # left out of τ by --skip_unchanged: the stats still say what it holds
-                comparison.lora_only_status[spec.name] = record.status[spec.name]
-            continue
-        tau = task_vector.read(spec.name).to(device)
-        require_finite(tau, f"{task_vector.source}: task vector tensor {spec.name}")
-        changes = plan.changes[spec.name]
-        result = compare_tensor(spec.name, delta, tau)
-        known = record.status.get(spec.name)
-        result.tau_status = (TauStatus(known) if known else status_of(tau, weight, merge_dtype)).value
-        if weight is not None and merge_dtype is not None:
-            check_rounding(result, comparison, weight, delta, tau, changes, adapter)
-        elif merge_dtype is not None and spec.name in record.base_max_abs:
-            magnitude = product_magnitude(changes, adapter, delta)
-            largest_w = record.base_max_abs[spec.name]
-            result.rounding_floor = rounding_floor(largest_w, delta, magnitude, merge_dtype, changes)
-        result.status = "match" if result.max_abs_diff <= tolerance else "mismatch"
-        comparison.shared.append(result)
-        on_tensor(f"{spec.name}: cosine {result.cosine:.6f}, max |τ−Δ| {result.max_abs_diff:.2e}, {result.status}")
-    for name in task_vector.names():
-        if name not in plan.changes:
-            comparison.task_vector_only[name] = stored_status(name, task_vector, base, merge_dtype, record.status)
     return comparison
+
+
+def compare_pair(
+    comparison: Comparison,
+    name: str,
+    delta: torch.Tensor,
+    tau: torch.Tensor,
+    weight: torch.Tensor | None,
+    changes: list[Change],
+    adapter: LoraAdapter,
+    record: ExtractionRecord,
+) -> TensorComparison:
+    """One adapted tensor's evidence (the metrics, τ's status, the rounding check or floor), added to the
+    comparison: what compare reports and analyze's headline reads, from the same Δ and τ."""
+    merge_dtype = comparison.merge_dtype
+    result = compare_tensor(name, delta, tau)
+    known = record.status.get(name)
+    result.tau_status = (TauStatus(known) if known else status_of(tau, weight, merge_dtype)).value
+    if weight is not None and merge_dtype is not None:
+        check_rounding(result, comparison, weight, delta, tau, changes, adapter)
+    elif merge_dtype is not None and name in record.base_max_abs:
+        magnitude = product_magnitude(changes, adapter, delta)
+        result.rounding_floor = rounding_floor(record.base_max_abs[name], delta, magnitude, merge_dtype, changes)
+    result.status = "match" if result.max_abs_diff <= comparison.tolerance else "mismatch"
+    comparison.shared.append(result)
+    return result
 
 
 def rounding_floor(

@@ -10,17 +10,20 @@ Without the base the pattern alone is read (likely): exactly the quantizable wei
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from common.adapter import LoraAdapter
+from common.errors import UserError
 from common.lora import DeltaPlan, apply_changes, common_rows
-from common.model_layout import EMBEDDING_SUFFIXES, HEAD
+from common.model_layout import EMBEDDING_SUFFIXES, HEAD, read_config
+from common.precision import dtype_from_name
 from common.quantization import QUANT_TYPES, FourBit, dequantized, quantized_weights, requantized
 from common.safetensors_io import CheckpointIndex
-from common.task_vector import TauStatus, task_vector
+from common.task_vector import TauStatus, stored_status, task_vector
 
 CANDIDATES = [FourBit(q, d) for q in QUANT_TYPES for d in (True, False)]  # QLoRA's own recipe first
 
@@ -116,3 +119,43 @@ def quantized_pattern(tau: CheckpointIndex, task_vector_only: dict[str, TauStatu
     if not outside or set(outside) != set(matrices):
         return None
     return QuantizedMerge(None, outside)
+
+
+def quantization_of(
+    task_vector: CheckpointIndex,
+    base: CheckpointIndex,
+    base_dir: Path,
+    known: Mapping[str, str],
+    adapter: LoraAdapter,
+    plan: DeltaPlan,
+    device: torch.device,
+) -> tuple[QuantizedMerge | None, Callable[[str, torch.Tensor], torch.Tensor | None] | None]:
+    """For analyze: τ of a merge into a 4-bit base, as find_quantized_merge finds it, and a function giving each
+    adapted tensor's quantization deq(Q(W)) − W (float64); (None, None) when τ is not one or bitsandbytes is not
+    here."""
+    merge_dtype = dtype_from_name(task_vector.metadata.get("finetuned_dtype", ""))
+    if merge_dtype is None:
+        return None, None
+    statuses = {
+        name: TauStatus(known[name]) if name in known else stored_status(name, task_vector, base, merge_dtype, None)
+        for name in task_vector.names()
+        if name not in plan.changes
+    }
+    try:
+        found = find_quantized_merge(
+            task_vector, base, base_dir, read_config(base_dir), statuses, adapter, plan, merge_dtype, device
+        )
+    except UserError:
+        return None, None
+    if found is None:
+        return None, None
+    weights = quantized_weights(base_dir, base, read_config(base_dir))
+
+    def quantization(name: str, weight):
+        source = plan.sources.get(name, name)
+        if source not in weights:
+            return None
+        deq = dequantized(weight.to(merge_dtype), found.four_bit, weights[source])
+        return deq.double() - weight.double()
+
+    return found, quantization

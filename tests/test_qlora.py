@@ -253,7 +253,8 @@ def test_analyze_names_the_quantization_floor_not_rounding(tiny, tmp_path, qlora
     assert result.returncode == 0, result.stderr
     analysis = json.loads((tmp_path / "a" / "analysis.json").read_text())
     findings = analysis["summary"]["findings"]
-    assert findings[0].startswith("τ is of a merge into the nf4, double quantization 4-bit base (QLoRA)")
+    assert findings[0].startswith("Verdict (quantized_base, as compare gives it): outside the adapter")
+    assert findings[1].startswith("τ is of a merge into the nf4, double quantization 4-bit base (QLoRA)")
     assert not any("rounding noise" in line or "rounding produces" in line for line in findings)
     explained = [t["quantization_explained"] for t in analysis["tensors"]]
     assert len(explained) == 8 and min(explained) > 0.99  # the rest is bf16 rounding
