@@ -158,6 +158,7 @@ class ModuleKinds:
         self.kinds: dict[str, str] = {}
         self.tied: tuple[str, str] | None = None  # (output head, input embedding) weights the base ties
         self.read_from = "names"  # or "class": where `kinds` came from
+        self.structure = None  # the base's model on the meta device, when read from the class
         if self.config and (from_class or not self._read_plain_decoder(base_dir)):
             self.read_from = "class"
             self._read_model(base_dir)
@@ -196,6 +197,7 @@ class ModuleKinds:
         except UserError as e:
             log.info(f"export: {e}; module kinds are read off names")
             return
+        self.structure = structure
         for module_path, module in structure.model.named_modules():
             kind = (
                 LINEAR

@@ -111,7 +111,7 @@ def quantized_weights(base_dir: Path, base: CheckpointIndex, config: dict) -> di
     if kinds.read_from == "names":  # every matrix but the embedding and the head
         matrices = [name for name, kind in kinds.kinds.items() if kind == LINEAR and name.endswith(".weight")]
         return {name: False for name in matrices if name in base and name != HEAD}
-    skipped = _modules_not_converted(base_dir)
+    skipped = _modules_not_converted(kinds.structure.model) if kinds.structure is not None else []
     quantized = {}
     for name, kind in kinds.kinds.items():
         module = kinds.model_path(name).rpartition(".")[0]
@@ -120,12 +120,9 @@ def quantized_weights(base_dir: Path, base: CheckpointIndex, config: dict) -> di
     return quantized
 
 
-def _modules_not_converted(base_dir: Path) -> list[str]:
+def _modules_not_converted(model) -> list[str]:
     from transformers.quantizers.base import get_keys_to_not_convert
 
-    from common.model_structure import ModelStructure
-
-    model = ModelStructure(base_dir).model
     return get_keys_to_not_convert(model) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
 
 

@@ -35,6 +35,7 @@ class QuantizedMerge:
 
     four_bit: FourBit | None  # None without the base: the pattern only
     outside: list[str] = field(default_factory=list)  # quantized weights outside the adapter, τ = deq(Q(W)) − W
+    weights: dict[str, bool] = field(default_factory=dict)  # every weight a 4-bit load quantizes (Conv1D?)
     merge: str | None = None  # "dequantized" (into deq(Q(W))) | "requantized" (re-quantized after the merge)
     adapted: int = 0  # adapted tensors that merge reproduces bit for bit
 
@@ -73,7 +74,7 @@ def find_quantized_merge(
     four_bit = next((fb for fb in CANDIDATES if quantization_of(outside[0], fb)), None)
     if four_bit is None or not all(quantization_of(name, four_bit) for name in outside[1:]):
         return None
-    found = QuantizedMerge(four_bit, outside)
+    found = QuantizedMerge(four_bit, outside, quantized)
     adapted = [s.name for s in plan.specs if s.name in tau and plan.sources[s.name] in quantized]
     for merge in ("dequantized", "requantized"):
         context = (found, tau, base, adapter, plan, merge_dtype, device, quantized)
@@ -149,7 +150,7 @@ def quantization_of(
         return None, None
     if found is None:
         return None, None
-    weights = quantized_weights(base_dir, base, read_config(base_dir))
+    weights = found.weights
 
     def quantization(name: str, weight):
         source = plan.sources.get(name, name)
