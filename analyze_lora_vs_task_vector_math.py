@@ -47,6 +47,7 @@ from common.cli import (
     setup_logging,
     tensor_progress,
 )
+from common.compare_report import verdict_of_report
 from common.errors import UserError
 from common.export import FOLDER, ExportRequest, LoraExporter, ModuleKinds, recorded_base_dir
 from common.finite import strict_json
@@ -148,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
         analysis.quantized_base = found.four_bit.describe() if found else None
         analysis.verdict = verdict.diagnose(task_vector, base, known, found) if verdict else None
+        if args.lora_file is not None:  # compare's verdict from the report beside its deltas, when of this τ
+            analysis.verdict = verdict_of_report(args.lora_file.parent / "comparison_report.json", task_vector)
         analysis.lora_source = "lora_path" if adapter else "lora_file" if args.lora_file else None
         if exporter is not None:
             base_model = task_vector.metadata.get("base_model") or args.base_model

@@ -42,6 +42,7 @@ from common.compare import compare_adapter
 from common.compare_report import (
     comparison_summary,
     console_block,
+    task_vector_identity,
     tensor_rows,
     write_comparison_reports,
     write_logit_rows,
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         comparison.quantized = quantized_merge(comparison, task_vector, base, base_dir, adapter, plan, device)
         result = diagnose(comparison)
-        summary = comparison_summary(comparison, result)
+        summary = comparison_summary(comparison, result) | {"task_vector": task_vector_identity(task_vector)}
         if logit_check:
             logits = compare_logits(logit_check, adapter.folder, device)
             summary["logits"] = logits.summary()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -49,6 +50,30 @@ def comparison_summary(comparison: Comparison, verdict: Diagnosis) -> dict:
         "merge_dtype": short_name(comparison.merge_dtype) if comparison.merge_dtype else None,
         "quantization": quantization_summary(comparison),
     }
+
+
+IDENTITY = ("base_fingerprint", "finetuned_fingerprint")  # τ's header: what binds a report to its τ
+
+
+def task_vector_identity(task_vector) -> dict[str, str | None]:
+    """The τ a comparison is of: its file and the two models' fingerprints its header records (analyze --lora_file
+    takes compare's verdict from the report beside lora_deltas.safetensors only for that τ)."""
+    return {"source": str(task_vector.source), **{key: task_vector.metadata.get(key) for key in IDENTITY}}
+
+
+def verdict_of_report(report_path: Path, task_vector) -> Diagnosis | None:
+    """compare's verdict from its comparison_report.json, when the report is of this τ (both fingerprints recorded
+    and equal); None otherwise."""
+    if not report_path.is_file():
+        return None
+    try:
+        summary = json.loads(report_path.read_text())["summary"]
+        recorded = summary["task_vector"]
+        if not all(recorded.get(k) and recorded.get(k) == task_vector.metadata.get(k) for k in IDENTITY):
+            return None
+        return Diagnosis(summary["cause"], list(summary["causes"]), summary["reason"], dict(summary["evidence"]))
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return None
 
 
 def quantization_summary(comparison: Comparison) -> dict | None:

@@ -78,6 +78,7 @@ def build_case(case: str, tiny, pipeline, tmp_path):
     raise ValueError(case)
 
 
+FROM_FILE = {"fp16", "doubled_alpha", "other_adapter", "qlora"}  # also checked as README's step 4 runs it
 CASES = ["fp32", "fp16", "doubled_alpha", "rslora_mixed_up", "swapped", "not_merged", "other_adapter",
          "mlp_changed", "wrong_base", "partially_merged", "qlora"]  # fmt: skip
 
@@ -85,10 +86,15 @@ CASES = ["fp32", "fp16", "doubled_alpha", "rslora_mixed_up", "swapped", "not_mer
 @pytest.mark.parametrize("with_base", [True, False], ids=["with-base", "without-base"])
 @pytest.mark.parametrize("case", CASES)
 def test_analyze_s_headline_is_compare_s_verdict(tiny, pipeline, tmp_path, case, with_base):
+    """With --lora_path the evidence is gathered again and diagnosed by compare's rules; with --lora_file (compare's
+    lora_deltas.safetensors, its report beside it) the verdict is the report's, for this τ only."""
     adapter, tau = build_case(case, tiny, pipeline, tmp_path)
     base = ["--base_model", tiny.base] if with_base else []
     _, expected = compare(adapter, tau, tmp_path / "c", *base)
-    args = ["--task_vector_file", tau, "--lora_path", adapter, "--output_dir", tmp_path / "a", "--skip_plots"]
+    lora = (
+        ["--lora_file", tmp_path / "c" / "lora_deltas.safetensors"] if case in FROM_FILE else ["--lora_path", adapter]
+    )
+    args = ["--task_vector_file", tau, *lora, "--output_dir", tmp_path / "a", "--skip_plots"]
     assert analyze_lora_vs_task_vector_math.main([str(a) for a in [*args, *base, "--device", "cpu"]]) == 0
     summary = json.loads((tmp_path / "a" / "analysis.json").read_text())["summary"]
     assert (summary["cause"], summary["causes"], summary["reason"]) == (
@@ -101,6 +107,23 @@ def test_analyze_s_headline_is_compare_s_verdict(tiny, pipeline, tmp_path, case,
     claims_rounding = [line for line in findings[1:] if "— the rounding of" in line or "rounding noise" in line]
     if expected["cause"] not in ROUNDING_CAUSES:
         assert not claims_rounding, claims_rounding
-    if expected["cause"] == "precision_rounding" and with_base:  # proven element by element: said
+    if expected["cause"] == "precision_rounding" and with_base and case not in FROM_FILE:  # proven: said
         assert claims_rounding
     assert not any("reproduces -" in line for line in findings)
+
+
+def test_a_report_of_another_tau_gives_no_verdict(tiny, pipeline, tmp_path):
+    """compare's report beside the deltas counts only for the τ it was made of (its fingerprints)."""
+    compare(tiny.adapter, pipeline("fp32").task_vector_file, tmp_path / "c")
+    args = [
+        "--task_vector_file",
+        pipeline("fp16").task_vector_file,
+        "--lora_file",
+        tmp_path / "c" / "lora_deltas.safetensors",
+    ]
+    assert (
+        analyze_lora_vs_task_vector_math.main([str(a) for a in [*args, "--output_dir", tmp_path / "a", "--skip_plots"]])
+        == 0
+    )
+    summary = json.loads((tmp_path / "a" / "analysis.json").read_text())["summary"]
+    assert summary["cause"] is None and not summary["findings"][0].startswith("Verdict")
