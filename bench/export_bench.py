@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from streaming_bench import report_out
 
 REPO = Path(__file__).resolve().parents[1]
 HIDDEN, INTERMEDIATE, LAYERS, VOCAB, HEADS, KV_HEADS = 512, 2048, 4, 8192, 4, 2
@@ -359,10 +360,7 @@ def main() -> None:
                 "mergekit_with_lora_bias_true_set_by_hand": quality(base, ft, fixed),
             },
         }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    report_out(report, args.out)
     if not args.keep:
         shutil.rmtree(args.work)
 

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from streaming_bench import REPO, build, fresh, round_robin
+from streaming_bench import REPO, build, fresh, report_out, round_robin
 
 NO_FSYNC = "import os, runpy, sys; os.fsync = lambda fd: None; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"  # noqa: E501
 
@@ -202,10 +202,7 @@ def main() -> None:
         }
     finally:
         shutil.rmtree(args.work, ignore_errors=True)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    report_out(report, args.out)
 
 
 if __name__ == "__main__":

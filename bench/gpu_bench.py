@@ -11,14 +11,13 @@ rounding of the output precision (the GPU's matmul may round B @ A differently),
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from streaming_bench import build, timed
+from streaming_bench import build, report_out, timed
 
 
 def max_ulps(a: dict, b: dict) -> float:
@@ -64,10 +63,7 @@ def main() -> None:
         torch.equal(t.view(torch.int32), tau["cuda:0"][n].view(torch.int32)) for n, t in tau["cpu"].items()
     )
     shutil.rmtree(args.work)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    report_out(report, args.out)
     ok = report["extract_bitwise_equal"] and report["merge_fp32_max_diff_in_eps"] <= 2
     sys.exit(0 if ok and report["merge_bf16_max_diff_in_eps"] <= 2 else "gpu_bench: cuda and cpu disagree")
 

@@ -14,7 +14,6 @@ Deletes every file it wrote.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import torch
 from full_scale import timed
-from streaming_bench import build, fresh, round_robin
+from streaming_bench import build, fresh, report_out, round_robin
 
 
 def quantize_seconds(shape: tuple[int, int]) -> float:
@@ -69,10 +68,7 @@ def main() -> None:
         }
     finally:
         shutil.rmtree(args.work, ignore_errors=True)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    report_out(report, args.out)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,11 @@ With `--refs DIR`, the tiny bases, adapters and CUDA's merges are saved there (r
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
+from streaming_bench import report_out
 
 SHAPES = {"q_proj": (3072, 3072), "k_proj": (256, 3072), "c_fc": (12288, 3072), "c_proj": (3072, 12288)}
 
@@ -194,10 +194,7 @@ def main() -> None:
     if not args.skip_quantization:
         report["quantize_4bit"] = quantization_agreement(args.device)
     report["merges"] = merge_agreement(args.device, args.work, args.refs)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    report_out(report, args.out)
 
 
 if __name__ == "__main__":

@@ -113,6 +113,14 @@ def round_robin(steps: dict[str, Callable[[int], dict]], repeats: int) -> dict[s
     return {name: medians(r) for name, r in runs.items()}
 
 
+def report_out(report: dict, out: Path | None) -> None:
+    """A bench's JSON report, printed and (with --out) written."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out:
+        out.write_text(text + "\n")
+
+
 def fresh(path: Path) -> Path:
     shutil.rmtree(path, ignore_errors=True)
     if path.is_file():
@@ -224,10 +232,7 @@ def main() -> None:
             "merge_rss_ratio": ratio(larger["merge_stream"]["peak_rss_gb"], runs["merge_stream"]["peak_rss_gb"]),
             "extract_rss_ratio": ratio(larger["extract_stream"]["peak_rss_gb"], runs["extract_stream"]["peak_rss_gb"]),
         }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    report_out(report, args.out)
     shutil.rmtree(args.work)
 
 
