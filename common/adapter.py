@@ -208,10 +208,9 @@ class LoraAdapter:
                 _add_replacement(replacements, key, name)
         changes: list[Change] = list(replacements.values())
         lora_modules = [m for m, keys in parts.items() if any(k.startswith("lora_") for k in keys)]
-        self._file_modules = set(parts)
-        self._replaced = set(replacements)
+        in_file = set(parts)
         targeted = {module: keys for module, keys in parts.items() if self._targeted(module, keys)}
-        self._check_targets(lora_modules, set(parts), targeted)
+        self._check_targets(lora_modules, in_file, targeted, set(replacements))
         for module, keys in sorted(targeted.items()):
             changes += self._module_changes(module, keys)
         if self.ignored:
@@ -244,11 +243,13 @@ class LoraAdapter:
             keys.pop(kind)
         return bool(keys)
 
-    def _check_targets(self, lora_modules: list[str], in_file: set[str], targeted: dict[str, dict[str, str]]) -> None:
+    def _check_targets(
+        self, lora_modules: list[str], in_file: set[str], targeted: dict[str, dict[str, str]], copies: set[str]
+    ) -> None:
         """What peft refuses, or does otherwise than load the file, under this config: target_modules matching
-        nothing, or a module LoRA does not apply to, and layers it targets that the file holds no factors for,
-        whose initial factors are not zero."""
-        base = self._base_modules()
+        nothing, or a module LoRA does not apply to, a modules_to_save copy missing (`copies`: the tensors the file
+        replaces), and layers it targets that the file holds no factors for, whose initial factors are not zero."""
+        base = self._base_modules(in_file)
         if lora_modules and not any(m in targeted for m in lora_modules):
             if base is None or not any(targets(self.config, m, kind == LAYER) for m, kind in base.items()):
                 wanted = self.config.get("target_modules")
@@ -259,7 +260,7 @@ class LoraAdapter:
                 )
         if base is None:
             return
-        self._check_saved_copies(base)
+        self._check_saved_copies(base, copies)
         if self.config.get("target_parameters"):
             return
         matched = {m: kind for m, kind in base.items() if targets(self.config, m, kind == LAYER)}
@@ -280,10 +281,10 @@ class LoraAdapter:
                 f"{json.dumps(self.config.get('use_dora'))}): not the trained adapter"
             )
 
-    def _check_saved_copies(self, base: dict[str, str]) -> None:
+    def _check_saved_copies(self, base: dict[str, str], replaced: set[str]) -> None:
         """modules_to_save: peft wraps every base module of that name and loads its copy from the file; a copy the
         file lacks fails peft's load (KeyError), so it is refused here with the name."""
-        copies = {name.rpartition(".")[0] for name in self._replaced}
+        copies = {name.rpartition(".")[0] for name in replaced}
         for wanted in self.config.get("modules_to_save") or []:
             present = [m for m in base if m == wanted or m.endswith(f".{wanted}")]
             missing = [m for m in present if m not in copies and not any(c.endswith(f".{m}") for c in copies)]
@@ -293,7 +294,7 @@ class LoraAdapter:
                     f"{missing[0]} (peft fails to load it too)"
                 )
 
-    def _base_modules(self) -> dict[str, str] | None:
+    def _base_modules(self, in_file: set[str]) -> dict[str, str] | None:
         """The base model's modules as its checkpoint shows them (paths as the model's, which the adapter's carry):
         each a LAYER (a matrix weight), an EMBEDDING, or OTHER_MODULE (norms, and the containers above every
         parameter); None without a base."""
@@ -317,7 +318,7 @@ class LoraAdapter:
                 kinds[module] = EMBEDDING_MODULE if name.endswith(EMBEDDING_SUFFIXES) else LAYER
             else:
                 kinds.setdefault(module, OTHER_MODULE)
-        paths = _model_paths(list(kinds), self._file_modules)
+        paths = _model_paths(list(kinds), in_file)
         return dict(zip(paths, kinds.values(), strict=True))
 
     def _module_changes(self, module: str, keys: dict[str, str]) -> list[Change]:

@@ -82,13 +82,11 @@ def merge_checkpoint(
         for spec in plan.specs:
             changes = plan.changes.get(spec.name, [])
             source = plan.sources[spec.name]
-            if four_bit is not None and source in four_bit.weights:
-                transposed = four_bit.weights[source]
-                finite = write_quantized(base, source, spec, changes, adapter, device, writer, four_bit, transposed)
+            quantized = four_bit is not None and source in four_bit.weights
+            if changes or quantized:
+                how = (four_bit.four_bit, four_bit.weights[source]) if quantized else None
+                finite = write_changed(base, source, spec, changes, adapter, device, writer, scratch[0], how)
                 summary.changed += [spec.name] if changes else []
-            elif changes:
-                finite = write_changed(base, source, spec, changes, adapter, device, writer, scratch[0])
-                summary.changed.append(spec.name)
             else:
                 finite = write_cast(base, source, spec, chunk_bytes, writer, scratch)
             if not finite:
@@ -134,11 +132,20 @@ def write_changed(
     device: torch.device,
     writer: ShardedWriter,
     scratch: Scratch,
+    four_bit: tuple[FourBit, bool] | None = None,
 ) -> bool:
-    """A tensor the adapter changes: whole, cast, then every change in peft's order. True when finite."""
+    """A tensor merged whole: cast, then every change in peft's order. A weight a 4-bit load quantizes (`four_bit`:
+    the quantization, and whether the weight is a Conv1D's) is first deq(Q(W)) at the merge dtype; with
+    `requantize` the changes are merged in fp32 and the result quantized again, as peft's 4-bit merge does. True
+    when finite."""
     stored = base.info(source).shape
-    weight = base.read_rows(source, 0, stored[0] if stored else 1, scratch)
-    weight = apply_changes(weight.to(device).to(spec.dtype), changes, adapter)
+    weight = base.read_rows(source, 0, stored[0] if stored else 1, scratch).to(device).to(spec.dtype)
+    if four_bit is not None:
+        weight = dequantized(weight, *four_bit)
+    if changes and four_bit is not None and four_bit[0].requantize:
+        weight = requantized(apply_changes(weight.float(), changes, adapter), four_bit[0], spec.dtype, four_bit[1])
+    elif changes:
+        weight = apply_changes(weight, changes, adapter)
     writer.write(spec.name, weight)
     return all_finite(weight)
 
@@ -162,31 +169,6 @@ def check_requantizable(adapter: LoraAdapter, quantized: QuantizedBase) -> None:
                 raise UserError(f"--requantize: {name} is a DoRA / PiSSA / OLoRA layer: merge without --requantize")
     if adapter.config.get("lora_bias"):
         raise UserError("--requantize: lora_bias (peft's 4-bit merge adds lora_B.bias unscaled): merge without it")
-
-
-def write_quantized(
-    base: CheckpointIndex,
-    source: str,
-    spec: TensorSpec,
-    changes: list[Change],
-    adapter: LoraAdapter,
-    device: torch.device,
-    writer: ShardedWriter,
-    quantized: QuantizedBase,
-    transposed: bool,
-) -> bool:
-    """A weight transformers quantizes: deq(Q(W)) at the merge dtype, the adapter's changes merged into it, or (with
-    `requantize`) merged in fp32 and quantized again, as peft's 4-bit merge does. True when finite."""
-    weight = base.read(source).to(device).to(spec.dtype)
-    weight = dequantized(weight, quantized.four_bit, transposed)
-    if changes and quantized.four_bit.requantize:
-        weight = requantized(
-            apply_changes(weight.float(), changes, adapter), quantized.four_bit, spec.dtype, transposed
-        )
-    elif changes:
-        weight = apply_changes(weight, changes, adapter)
-    writer.write(spec.name, weight)
-    return all_finite(weight)
 
 
 def write_model_files(

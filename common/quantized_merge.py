@@ -65,14 +65,14 @@ def find_quantized_merge(
     if not outside or any(name not in quantized for name in outside):
         return None  # nothing changed outside, or something a 4-bit load does not quantize changed too
 
-    def quantization_of(name: str, four_bit: FourBit) -> bool:
+    def gives_tau(name: str, four_bit: FourBit) -> bool:  # τ = deq(Q(W)) − W bit for bit
         weight = base.read(name).to(device)
         deq = dequantized(weight.to(merge_dtype), four_bit, quantized[name])
         stored = tau.read(name).to(device)
         return torch.equal(task_vector(deq, weight, stored.dtype), stored)
 
-    four_bit = next((fb for fb in CANDIDATES if quantization_of(outside[0], fb)), None)
-    if four_bit is None or not all(quantization_of(name, four_bit) for name in outside[1:]):
+    four_bit = next((fb for fb in CANDIDATES if gives_tau(outside[0], fb)), None)
+    if four_bit is None or not all(gives_tau(name, four_bit) for name in outside[1:]):
         return None
     found = QuantizedMerge(four_bit, outside, quantized)
     adapted = [s.name for s in plan.specs if s.name in tau and plan.sources[s.name] in quantized]
