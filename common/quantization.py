@@ -111,7 +111,12 @@ def quantized_weights(base_dir: Path, base: CheckpointIndex, config: dict) -> di
     if kinds.read_from == "names":  # every matrix but the embedding and the head
         matrices = [name for name, kind in kinds.kinds.items() if kind == LINEAR and name.endswith(".weight")]
         return {name: False for name in matrices if name in base and name != HEAD}
-    skipped = _modules_not_converted(kinds.structure.model) if kinds.structure is not None else []
+    if kinds.structure is None:
+        raise UserError(
+            f"base model {base_dir}: which layers a 4-bit load quantizes comes from its model class, which "
+            "transformers cannot build here (an unknown model_type?)"
+        )
+    skipped = _modules_not_converted(kinds.structure.model)
     quantized = {}
     for name, kind in kinds.kinds.items():
         module = kinds.model_path(name).rpartition(".")[0]

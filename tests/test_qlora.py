@@ -258,3 +258,18 @@ def test_analyze_names_the_quantization_floor_not_rounding(tiny, tmp_path, qlora
     assert not any("rounding noise" in line or "rounding produces" in line for line in findings)
     explained = [t["quantization_explained"] for t in analysis["tensors"]]
     assert len(explained) == 8 and min(explained) > 0.99  # the rest is bf16 rounding
+
+
+def test_a_base_of_unknown_type_is_refused_for_a_4bit_merge(tiny, tmp_path):
+    """Which layers a 4-bit load quantizes comes from the model class: without one, nothing is claimed."""
+    import json
+    import shutil
+
+    base = tmp_path / "unknown"
+    shutil.copytree(tiny.base, base)
+    config = json.loads((base / "config.json").read_text()) | {"model_type": "nosuchmodel", "architectures": ["X"]}
+    (base / "config.json").write_text(json.dumps(config))
+    args = ["--base_model", base, "--lora_path", tiny.adapter, "--output_dir", tmp_path / "o", "--precision", "bf16"]
+    result = run_main("merge_lora.py", *args, *four_bit_flags("nf4", True, False))
+    assert_user_error(result, "which layers a 4-bit load quantizes comes from its model class")
+    assert not (tmp_path / "o").exists()
