@@ -44,7 +44,7 @@ fi
   $PY -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)"
   nproc; free -g | head -2; df -h /tmp | tail -1
 } >>"$LOG" 2>&1
-step pytest_gpu 170 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
+step pytest_gpu 300 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
 step qlora_gpu 90 $PY bench/qlora_gpu.py --out "$OUT/qlora_gpu.json" --refs /tmp/qlora_refs
 [ -d /tmp/qlora_refs ] && tar czf "$OUT/qlora_refs.tar.gz" -C /tmp qlora_refs
 step full_scale_cuda 240 $PY bench/full_scale.py --device cuda:0 --repeats 1 --work /tmp/sc2_full \
