@@ -15,8 +15,9 @@ command from a full fine-tune to an adapter.
     python analyze_lora_vs_task_vector_math.py --base_model bigcode/starcoder2-3b \
         --finetuned_model my_full_finetune/ --export_lora 64 --skip_plots --intruder_k 0 --output_dir exported/
 
-Where the maths lives: common/spectra.py (ranks, SVDs, angles), common/metrics.py (residuals, the rounding bound),
-common/export.py (the LoRA export), common/analysis_report.py (the findings); docs/maths.md, docs/reports.md.
+Where the maths lives: common/numerics/spectra.py (ranks, SVDs, angles), common/numerics/metrics.py (residuals, the
+rounding bound), common/analysis/export.py (the LoRA export), common/analysis/report.py (the findings);
+docs/maths.md, docs/reports.md.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from common.adapter import LoraAdapter
-from common.analysis import Analysis, VerdictEvidence, analyze_files, deltas_from_adapter, deltas_from_file
-from common.analysis_report import analysis_markdown, analysis_report
+from common.analysis.analysis import Analysis, VerdictEvidence, analyze_files, deltas_from_adapter, deltas_from_file
+from common.analysis.export import FOLDER, ExportRequest, LoraExporter, recorded_base_dir
+from common.analysis.report import analysis_markdown, analysis_report
 from common.cli import (
     add_overwrite,
     add_residual_base,
@@ -47,20 +48,21 @@ from common.cli import (
     setup_logging,
     tensor_progress,
 )
-from common.compare_report import verdict_of_report
+from common.compare.quantized_merge import quantization_of
+from common.compare.report import verdict_of_report
 from common.errors import UserError
-from common.export import FOLDER, ExportRequest, LoraExporter, ModuleKinds, recorded_base_dir
-from common.finite import strict_json
-from common.lora import plan_deltas
-from common.model_layout import read_config
-from common.outputs import check_output_dir, staged_output_dir
-from common.precision import dtype_from_name
-from common.quantization import DequantizedBase, FourBit
-from common.quantized_merge import quantization_of
-from common.safetensors_io import CheckpointIndex
-from common.sources import resolve_adapter, resolve_model
-from common.task_vector import ExtractionRecord, stats_beside
-from common.task_vector_of_models import TaskVectorOfModels
+from common.io.outputs import check_output_dir, staged_output_dir
+from common.io.safetensors_io import CheckpointIndex
+from common.io.sources import resolve_adapter, resolve_model
+from common.lora.adapter import LoraAdapter
+from common.lora.deltas import plan_deltas
+from common.model.layout import read_config
+from common.model.module_kinds import ModuleKinds
+from common.model.quantization import DequantizedBase, FourBit
+from common.numerics.finite import strict_json
+from common.numerics.precision import dtype_from_name
+from common.taskvec.of_models import TaskVectorOfModels
+from common.taskvec.task_vector import ExtractionRecord, stats_beside
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,7 +218,7 @@ def make_exporter(
 
 def draw_plots(analysis: Analysis, folder: Path) -> list[str]:
     """The analysis's plots; matplotlib (about a second to import) only when they are drawn."""
-    from common.plots import analysis_plots
+    from common.analysis.plots import analysis_plots
 
     return analysis_plots(analysis, folder)
 

@@ -12,9 +12,9 @@ With --check_logits (and --base_model): the merged model against base + adapter 
 top-1 agreement, max |Δ logit|, KL, greedy continuations (summary.logits, logit_comparison.csv). Evidence beside
 the verdict; the exit code stays the weight-level one.
 
-Where the maths lives: common/lora.py (Δ: `plan_deltas`, `exact_delta`), common/metrics.py (cosine, the rounding
-bound), common/compare.py (the evidence), common/diagnosis.py (the cause); docs/maths.md, docs/diagnosis.md and
-docs/reports.md for the report's fields.
+Where the maths lives: common/lora/deltas.py (Δ: `plan_deltas`, `exact_delta`), common/numerics/metrics.py
+(cosine, the rounding bound), common/compare/comparison.py (the evidence), common/compare/diagnosis.py (the cause);
+docs/maths.md, docs/diagnosis.md and docs/reports.md for the report's fields.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from common.adapter import LoraAdapter
+from common.analysis.plots import comparison_plots
 from common.cli import (
     add_overwrite,
     add_residual_base,
@@ -38,8 +38,11 @@ from common.cli import (
     tensor_progress,
     tolerance,
 )
-from common.compare import compare_adapter
-from common.compare_report import (
+from common.compare.comparison import compare_adapter
+from common.compare.diagnosis import diagnose
+from common.compare.logits import QUANT_TYPES, compare_logits, console_line, plan_logit_check
+from common.compare.quantized_merge import find_quantized_merge, quantized_pattern
+from common.compare.report import (
     comparison_summary,
     console_block,
     task_vector_identity,
@@ -47,20 +50,17 @@ from common.compare_report import (
     write_comparison_reports,
     write_logit_rows,
 )
-from common.diagnosis import diagnose
 from common.errors import UserError
-from common.finite import strict_json
-from common.logits import QUANT_TYPES, compare_logits, console_line, plan_logit_check
-from common.lora import plan_deltas
-from common.model_layout import read_config
-from common.outputs import check_output_dir, staged_output_dir
-from common.plots import comparison_plots
-from common.precision import PRECISIONS, dtype_from_name
-from common.quantization import DequantizedBase, FourBit
-from common.quantized_merge import find_quantized_merge, quantized_pattern
-from common.safetensors_io import CheckpointIndex, SafetensorsWriter
-from common.sources import resolve_adapter, resolve_model
-from common.task_vector import stats_beside
+from common.io.outputs import check_output_dir, staged_output_dir
+from common.io.safetensors_io import CheckpointIndex, SafetensorsWriter
+from common.io.sources import resolve_adapter, resolve_model
+from common.lora.adapter import LoraAdapter
+from common.lora.deltas import plan_deltas
+from common.model.layout import read_config
+from common.model.quantization import DequantizedBase, FourBit
+from common.numerics.finite import strict_json
+from common.numerics.precision import PRECISIONS, dtype_from_name
+from common.taskvec.task_vector import stats_beside
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ Writes <output_dir>/task_vector.safetensors (fp32; with --shard_size, shards and
 finetuned tensor is just the base rounded to a lower precision) or unchanged. Streaming never
 instantiates a model, so --trust_remote_code is accepted for compatibility but never needed.
 
-Where the maths lives: common/task_vector.py (`task_vector`, `tensor_status`); docs/maths.md.
+Where the maths lives: common/taskvec/task_vector.py (`task_vector`, `tensor_status`); docs/maths.md.
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ from common.cli import (
     tensor_progress,
 )
 from common.errors import UserError
-from common.model_layout import fingerprint, read_config, stored_dtype
-from common.outputs import check_output_dir, staged_output_dir
-from common.quantization import QUANT_TYPES, DequantizedBase, FourBit
-from common.safetensors_io import CheckpointIndex, ShardedWriter
-from common.sources import resolve_model
-from common.task_vector import (
+from common.io.outputs import check_output_dir, staged_output_dir
+from common.io.safetensors_io import CheckpointIndex, ShardedWriter
+from common.io.sources import resolve_model
+from common.model.layout import fingerprint, read_config, stored_dtype
+from common.model.quantization import QUANT_TYPES, DequantizedBase, FourBit
+from common.taskvec.task_vector import (
     STATS_FILE,
     check_same_architecture,
     extract_task_vector,

@@ -9,10 +9,11 @@ merge instead (the whole model in memory), kept for cross-checks.
 
 QLoRA (an adapter trained on the base loaded 4-bit): `--bnb_4bit_quant_type nf4 [--bnb_4bit_use_double_quant]`
 merges into deq(Q(W)), the weights it was trained on (transformers' dequantize(), then merge_and_unload), bit for
-bit; with `--requantize`, as merge_and_unload on the 4-bit model then dequantize() (common/quantization.py).
+bit; with `--requantize`, as merge_and_unload on the 4-bit model then dequantize() (common/model/quantization.py).
 
-Where the maths lives: common/lora.py (peft's arithmetic, change by change), common/merge_plan.py (which tensor
-gets which change), common/merge.py (the streaming loop); docs/maths.md and docs/adapters.md explain them.
+Where the maths lives: common/lora/arithmetic.py (peft's arithmetic, change by change), common/lora/merge_plan.py
+(which tensor gets which change), common/lora/merge.py (the streaming loop); docs/maths.md and docs/adapters.md
+explain them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from common.adapter import LoraAdapter
 from common.cli import (
     add_overwrite,
     add_residual_base,
@@ -36,13 +36,14 @@ from common.cli import (
     tensor_progress,
 )
 from common.errors import UserError
-from common.merge import QuantizedBase, check_requantizable, merge_checkpoint, merge_with_peft, write_model_files
-from common.model_layout import check_base_supported, read_config
-from common.outputs import check_output_dir, staged_output_dir
-from common.precision import PRECISIONS, dtype_of
-from common.quantization import QUANT_TYPES, FourBit, quantized_weights
-from common.safetensors_io import CheckpointIndex
-from common.sources import resolve_adapter, resolve_model
+from common.io.outputs import check_output_dir, staged_output_dir
+from common.io.safetensors_io import CheckpointIndex
+from common.io.sources import resolve_adapter, resolve_model
+from common.lora.adapter import LoraAdapter
+from common.lora.merge import QuantizedBase, check_requantizable, merge_checkpoint, merge_with_peft, write_model_files
+from common.model.layout import check_base_supported, read_config
+from common.model.quantization import QUANT_TYPES, FourBit, quantized_weights
+from common.numerics.precision import PRECISIONS, dtype_of
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.safetensors_io import SafetensorsWriter, TensorSpec  # noqa: E402
+from common.io.safetensors_io import SafetensorsWriter, TensorSpec  # noqa: E402
 
 SHAPES = {"q_proj": (3072, 3072), "k_proj": (256, 3072), "v_proj": (256, 3072), "o_proj": (3072, 3072)}
 

@@ -30,7 +30,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from common.safetensors_io import SafetensorsWriter, TensorSpec  # noqa: E402
+from common.io.safetensors_io import SafetensorsWriter, TensorSpec  # noqa: E402
 
 HIDDEN, INTERMEDIATE, VOCAB, KV = 3072, 12288, 49152, 256
 

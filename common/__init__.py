@@ -1,12 +1,11 @@
-"""Shared code of the four scripts: streaming I/O, adapters, precision, metrics, reports.
+"""The toolkit's code, in layers; each imports only from the layers below it (docs/development.md):
 
-Importing it asks torch to back its CPU tensors of 2 MB and more with transparent huge pages
-(`THP_MEM_ALLOC_ENABLE`, read at torch's first such allocation; an explicit value in the environment wins).
-Every tensor the scripts hold is allocated fresh and handed back, and on 4 KB pages the page faults of
-that dominate the element-wise work: measured on this project's CPU machine, converting a 3072 × 3072
-fp32 tensor to float64 takes 3–6× less time with it (docs/streaming.md).
+analysis/   analyze: the measures, their report and plots, τ exported as a LoRA
+compare/    compare: the comparison, the diagnosis of a mismatch, the logits check, the report
+lora/       an adapter: its config and files, the merge plan, peft's arithmetic, the streaming merge, Δ
+taskvec/    τ: extracted from two checkpoints, or read from two models
+model/      a model's layout, classes, module kinds and 4-bit quantization
+numerics/   precision, rounding bounds, norms and cosines, spectra, NaN and Inf
+io/         safetensors read and written in chunks, output folders, local folders and hub ids
+errors.py, quiet.py, cli.py: the user-error type, quieter libraries, the scripts' command line and exit codes
 """
-
-import os
-
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")

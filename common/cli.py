@@ -180,6 +180,9 @@ def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) 
     """Run a script's main: user errors (and failures of the OS: a missing file, a full disk) become one line
     on stderr and exit code 2, never a traceback; SIGTERM and SIGHUP clean up as Ctrl-C does."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # torch backs CPU tensors of 2 MB and more with transparent huge pages (read at its first such allocation; an
+    # explicit value wins): on 4 KB pages, page faults dominate the element-wise work (docs/streaming.md)
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     for signum in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(signum) == signal.SIG_DFL:  # not when ignored, as under nohup

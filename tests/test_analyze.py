@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import assert_user_error, run_main
 
-from common.spectra import largest_principal_angle, numerical_rank
+from common.numerics.spectra import largest_principal_angle, numerical_rank
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_files_of_different_models_are_a_user_error(tiny, tmp_path, pipeline):
 
 @pytest.mark.parametrize("shape", [(1024, 768), (768, 2048)])
 def test_randomized_svd_matches_the_full_svd_on_the_top_r_values(shape):
-    from common.spectra import top_singular
+    from common.numerics.spectra import top_singular
 
     torch.manual_seed(1)
     m, n = shape
@@ -124,7 +124,7 @@ def test_randomized_svd_matches_the_full_svd_on_the_top_r_values(shape):
 @pytest.mark.parametrize("shape", [(256, 3072), (3072, 256), (42, 500), (64, 64)])
 @pytest.mark.parametrize("rank", [None, 16])
 def test_thin_svd_is_lapacks_svd_through_a_qr(shape, rank):
-    from common.spectra import thin_svd
+    from common.numerics.spectra import thin_svd
 
     torch.manual_seed(2)
     m, n = shape
@@ -150,7 +150,7 @@ def spectrum_down_to(smallest: float, m: int, n: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("shape", [(512, 128), (128, 512), (200, 200)])
 def test_gram_svd_gives_every_singular_value_to_1e_6_or_hands_over_to_the_qr(shape):
-    from common.spectra import GRAM_MIN_RATIO, Decomposition, gram_svd
+    from common.numerics.spectra import GRAM_MIN_RATIO, Decomposition, gram_svd
 
     torch.manual_seed(3)
     matrix = spectrum_down_to(1.5 * GRAM_MIN_RATIO, *shape)
@@ -222,7 +222,7 @@ def test_base_model_gives_the_residual_in_ulps_within_the_fp16_rounding(from_ada
 
 
 def test_factor_spectrum_and_effective_rank_on_known_matrices():
-    from common.spectra import effective_rank, factor_spectrum
+    from common.numerics.spectra import effective_rank, factor_spectrum
 
     torch.manual_seed(2)
     left, right = torch.randn(300, 6, dtype=torch.float64), torch.randn(200, 6, dtype=torch.float64)
@@ -237,7 +237,7 @@ def test_factor_spectrum_and_effective_rank_on_known_matrices():
 
 def test_rounding_bound_covers_cancellation_in_b_at_a_only_with_the_factors():
     """fp32 B @ A errs by ~ulps of |B|@|A|, which dwarfs |Δ| where the r products cancel."""
-    from common.metrics import rounding_bound
+    from common.numerics.metrics import rounding_bound
 
     torch.manual_seed(3)
     a, b = torch.randn(16, 400), torch.randn(300, 16)

@@ -470,7 +470,7 @@ def test_the_fp32_kept_modules_read_from_source_are_the_classes_own(architecture
     """kept_in_fp32 reads transformers' source instead of importing the class (seconds): it must agree."""
     import transformers
 
-    from common.model_layout import class_attributes
+    from common.model.layout import class_attributes
 
     model_class = getattr(transformers, architecture)
     config = {"architectures": [architecture], "model_type": model_class.config_class.model_type}

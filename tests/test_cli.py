@@ -16,7 +16,7 @@ import torch
 from conftest import REPO, assert_user_error, run_main
 
 from common.errors import UserError
-from common.outputs import MARKER
+from common.io.outputs import MARKER
 
 
 def merge_args(tiny, out, *extra):
@@ -157,7 +157,7 @@ def test_overwrite_never_deletes_the_files_behind_symlinked_inputs(tiny, tmp_pat
 def test_a_run_whose_output_appeared_meanwhile_does_not_replace_it(tiny, tmp_path):
     """Publication is exclusive: without --overwrite an output that appeared during the run is never replaced; with
     it, the later run replaces it and says so."""
-    from common.outputs import staged_output_dir
+    from common.io.outputs import staged_output_dir
 
     out = tmp_path / "out"
     with pytest.raises(UserError, match="another run .* put something there while this one ran"):
@@ -174,7 +174,7 @@ def test_a_run_whose_output_appeared_meanwhile_does_not_replace_it(tiny, tmp_pat
 
 def test_a_replaced_output_that_cannot_be_removed_is_named_and_the_new_one_is_complete(tmp_path, caplog, monkeypatch):
     """A file of the old output the user may not delete (EACCES: simulated, since the tests may run as root)."""
-    import common.outputs
+    import common.io.outputs
 
     out, staging = tmp_path / "out", tmp_path / ".out.partial-x"
     for folder, name in ((out, "old.txt"), (staging, "new.txt")):
@@ -185,9 +185,9 @@ def test_a_replaced_output_that_cannot_be_removed_is_named_and_the_new_one_is_co
     def refused(path):
         raise PermissionError(13, "Permission denied", str(replaced / "old.txt"))
 
-    monkeypatch.setattr(common.outputs.shutil, "rmtree", refused)
+    monkeypatch.setattr(common.io.outputs.shutil, "rmtree", refused)
     with caplog.at_level("WARNING", logger="lora_tv"):
-        common.outputs.move_into_place(staging, out)
+        common.io.outputs.move_into_place(staging, out)
     assert (out / "new.txt").read_text() == "new.txt" and (replaced / "old.txt").is_file()
     assert f"{out} is complete" in caplog.text and f"moved to {replaced}" in caplog.text
     assert f"{replaced / 'old.txt'}: Permission denied" in caplog.text

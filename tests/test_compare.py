@@ -11,9 +11,9 @@ import torch
 from conftest import assert_user_error, run_main
 from safetensors.torch import load_file
 
-from common.adapter import LoraAdapter
-from common.lora import lora_delta
-from common.metrics import compare_tensor, cosine
+from common.lora.adapter import LoraAdapter
+from common.lora.arithmetic import lora_delta
+from common.numerics.metrics import compare_tensor, cosine
 
 SUMMARY_KEYS = {
     "shared", "lora_only", "task_vector_only", "artifacts", "mean_cosine", "min_cosine",
@@ -141,7 +141,7 @@ def test_compare_metrics_are_exact_on_a_known_case():
 
 @pytest.mark.parametrize("rows", [1, 5])
 def test_lora_delta_in_float64_is_scaling_b_a(rows):
-    from common.adapter import LoraTarget
+    from common.lora.adapter import LoraTarget
 
     torch.manual_seed(1)
     a, b = torch.randn(4, 6), torch.randn(rows, 4)

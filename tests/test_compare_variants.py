@@ -10,7 +10,7 @@ from conftest import STARCODER2_VARIANTS, assert_user_error, run_main, run_mains
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.metrics import compare_tensor, cosine
+from common.numerics.metrics import compare_tensor, cosine
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ import torch
 from conftest import assert_user_error, load_weights, run_in_process, run_main, run_merge
 
 import analyze_lora_vs_task_vector_math as analyze
-from common.export import ExportRequest, LoraExporter, ModuleKinds
+from common.analysis.export import ExportRequest, LoraExporter
+from common.model.module_kinds import ModuleKinds
 
 TOKENS = torch.tensor([[1, 17, 200, 33, 41, 99, 7, 300, 5, 2]])
 

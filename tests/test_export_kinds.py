@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.export import EMBEDDING, LINEAR, OTHER, PLAIN_DECODERS, ModuleKinds
+from common.model.module_kinds import EMBEDDING, LINEAR, OTHER, PLAIN_DECODERS, ModuleKinds
 
 SMALL = dict(
     hidden_size=32,

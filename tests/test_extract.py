@@ -12,7 +12,7 @@ from conftest import assert_user_error, load_weights, run_main, run_merge
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from common.adapter import LoraAdapter
+from common.lora.adapter import LoraAdapter
 
 
 def stats_of(pipeline) -> dict:

@@ -22,12 +22,13 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from common.adapter import CONFIG_FILE, LoraAdapter
 from common.errors import UserError
-from common.lora import apply_changes, plan_deltas
-from common.merge_plan import plan_merge
-from common.model_layout import read_config
-from common.safetensors_io import DTYPES, CheckpointIndex, iter_row_chunks, read_header
+from common.io.safetensors_io import DTYPES, CheckpointIndex, iter_row_chunks, read_header
+from common.lora.adapter import CONFIG_FILE, LoraAdapter
+from common.lora.arithmetic import apply_changes
+from common.lora.deltas import plan_deltas
+from common.lora.merge_plan import plan_merge
+from common.model.layout import read_config
 
 # FUZZ_EXAMPLES=5000 pytest tests/test_fuzz.py searches harder than the suite's default.
 FUZZ = settings(

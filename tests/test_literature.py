@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 import analyze_lora_vs_task_vector_math as analyze
-from common.intruders import intruder_dimensions
-from common.spectra import amplification_factor, analyze_task_vector, analyze_tensor
+from common.numerics.intruders import intruder_dimensions
+from common.numerics.spectra import amplification_factor, analyze_task_vector, analyze_tensor
 
 
 def orthonormal(rows: int, cols: int, seed: int) -> torch.Tensor:

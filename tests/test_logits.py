@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import assert_user_error, run_main
 
-from common.logits import CONTINUATION, default_sequences
+from common.compare.logits import CONTINUATION, default_sequences
 
 
 def check(tiny, tmp_path, task_vectors, *extra, name="cmp"):

@@ -10,10 +10,10 @@ import torch
 from conftest import PRECISIONS, assert_user_error, load_weights, peft_merged_state_dict, run_main, run_merge
 from safetensors.torch import load_file, save_file
 
-from common.adapter import LoraAdapter
-from common.merge import merge_checkpoint
-from common.model_layout import read_config
-from common.safetensors_io import CheckpointIndex
+from common.io.safetensors_io import CheckpointIndex
+from common.lora.adapter import LoraAdapter
+from common.lora.merge import merge_checkpoint
+from common.model.layout import read_config
 
 
 def assert_bitwise_equal_to_peft(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:

@@ -105,8 +105,8 @@ def merge_both(base: Path, adapter: Path, out: Path, precision: str) -> dict:
     """The streaming merge as the README runs it, and peft alone (merge.merge_with_peft: transformers' load,
     PeftModel.from_pretrained, merge_and_unload, save_pretrained; none of this toolkit's checks of the adapter)."""
     from common.errors import UserError
-    from common.merge import merge_with_peft
-    from common.precision import PRECISIONS
+    from common.lora.merge import merge_with_peft
+    from common.numerics.precision import PRECISIONS
 
     args = ["--base_model", base, "--lora_path", adapter, "--output_dir", out / "stream", "--precision", precision]
     ours = run_main("merge_lora.py", *args, "--device", "cpu")

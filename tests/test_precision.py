@@ -1,11 +1,11 @@
-"""common/precision.py: the finiteness test the merge runs on every tensor it writes."""
+"""common/numerics/precision.py: the finiteness test the merge runs on every tensor it writes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from common.finite import all_finite
+from common.numerics.finite import all_finite
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
@@ -24,7 +24,7 @@ def test_all_finite_finds_one_nan_or_inf_anywhere(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_ulp_is_the_spacing_of_dtype_at_each_magnitude(dtype):
-    from common.precision import ulp
+    from common.numerics.precision import ulp
 
     info = torch.finfo(dtype)
     tiny = info.smallest_normal
@@ -39,8 +39,8 @@ def test_ulp_is_the_spacing_of_dtype_at_each_magnitude(dtype):
 
 
 def test_rounding_residual_in_chunks_is_the_whole_tensor_computation(monkeypatch):
-    import common.metrics as metrics
-    from common.precision import ulp
+    import common.numerics.metrics as metrics
+    from common.numerics.precision import ulp
 
     torch.manual_seed(0)
     weight = torch.randn(300, 70) * 0.02
@@ -66,7 +66,7 @@ def test_rounding_residual_in_chunks_is_the_whole_tensor_computation(monkeypatch
 
 
 def test_compare_tensor_in_chunks_is_the_whole_tensor_computation(monkeypatch):
-    import common.metrics as metrics
+    import common.numerics.metrics as metrics
 
     torch.manual_seed(1)
     delta = torch.randn(300, 70, dtype=torch.float64)

@@ -76,9 +76,9 @@ def test_the_merge_into_the_dequantized_base_is_conftest_s_hand_built_one(tiny, 
 def test_the_layers_quantized_are_the_ones_transformers_quantizes(tmp_path, architecture):
     from transformers import AutoModelForCausalLM
 
-    from common.model_layout import read_config
-    from common.quantization import FourBit, bnb_config, quantized_weights
-    from common.safetensors_io import CheckpointIndex
+    from common.io.safetensors_io import CheckpointIndex
+    from common.model.layout import read_config
+    from common.model.quantization import FourBit, bnb_config, quantized_weights
 
     base = build_base(ARCHITECTURES[architecture], tmp_path / "base")
     model = AutoModelForCausalLM.from_pretrained(
@@ -188,7 +188,7 @@ def saved_four_bit(tiny, tmp_path_factory):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from common.quantization import FourBit, bnb_config
+    from common.model.quantization import FourBit, bnb_config
 
     root = tmp_path_factory.mktemp("saved_4bit")
     quantization = bnb_config(FourBit("nf4", True), torch.bfloat16)
@@ -204,7 +204,7 @@ def test_a_base_saved_4bit_is_read_as_transformers_dequantizes_it(tiny, tmp_path
     is the merge into the dequantized 4-bit base, bit for bit, no flags needed."""
     from transformers import AutoModelForCausalLM
 
-    from common.safetensors_io import CheckpointIndex
+    from common.io.safetensors_io import CheckpointIndex
 
     base, _ = saved_four_bit
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).dequantize()

@@ -1,4 +1,4 @@
-"""common/safetensors_io.py against safetensors' own reader and writer, and transformers' checkpoints."""
+"""common/io/safetensors_io.py against safetensors' own reader and writer, and transformers' checkpoints."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from common.errors import UserError
-from common.safetensors_io import (
+from common.io.safetensors_io import (
     INDEX_FILE,
     CheckpointIndex,
     SafetensorsWriter,

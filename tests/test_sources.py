@@ -19,7 +19,7 @@ import pytest
 from conftest import REPO, assert_user_error, run_main, run_script
 
 from common.errors import UserError
-from common.sources import resolve_adapter, resolve_model
+from common.io.sources import resolve_adapter, resolve_model
 
 BASE_ID = "testorg/tiny-starcoder2"
 ADAPTER_ID = "testorg/tiny-lora"

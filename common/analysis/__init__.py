@@ -1,0 +1,1 @@
+"""analyze: ranks, spectra and subspaces of τ against Δ, the report and plots, and τ exported as a LoRA."""

@@ -1,0 +1,1 @@
+"""Numbers: precisions and their rounding, norms, cosines, rounding bounds, spectra, NaN and Inf."""

@@ -1,0 +1,1 @@
+"""τ = finetuned − base: extracted from two checkpoints into a file, or read from two models on the fly."""
