@@ -19,8 +19,9 @@ import torch
 from common.compare.quantized_merge import QuantizedMerge
 from common.errors import UserError
 from common.io.safetensors_io import CheckpointIndex, SafetensorsWriter
-from common.lora.adapter import Change, LoraAdapter, LoraTarget, ParameterPiece
+from common.lora.adapter import BiasUpdate, Change, LoraAdapter, LoraTarget, ParameterPiece
 from common.lora.arithmetic import apply_changes, common_rows, product_magnitude
+from common.lora.config import AdapterConfig, ModuleScaling
 from common.lora.deltas import DeltaPlan, exact_delta, rounded_at_dtype
 from common.model.layout import fingerprint
 from common.model.quantization import FourBit
@@ -62,9 +63,10 @@ class BaseIdentity:
 class Comparison:
     tolerance: float
     merge_dtype: torch.dtype | None
-    scaling: tuple[float, int, bool]  # the adapter's lora_alpha, r and use_rslora, to read a scale factor
+    config: AdapterConfig  # the adapter's: its lora_alpha, alpha_pattern and use_rslora name a scale factor
     identity: BaseIdentity = field(default_factory=BaseIdentity)
     shared: list[TensorComparison] = field(default_factory=list)
+    scalings: dict[str, ModuleScaling] = field(default_factory=dict)  # each shared tensor's own LoRA scale, if any
     lora_only: list[str] = field(default_factory=list)
     lora_only_status: dict[str, str] = field(default_factory=dict)  # the extraction's status of those, if any
     task_vector_only: dict[str, TauStatus] = field(default_factory=dict)
@@ -134,10 +136,8 @@ def new_comparison(
     tolerance: float,
 ) -> Comparison:
     """An empty comparison of this τ with this adapter: the merge dtype and the 4-bit base τ's header records, the
-    adapter's scaling, and the identities of the base τ records and of the one given."""
+    adapter's config, and the identities of the base τ records and of the one given."""
     merge_dtype = dtype_from_name(task_vector.metadata.get("finetuned_dtype", ""))
-    config = adapter.config
-    scaling = (config.get("lora_alpha", 8), config.get("r", 8), bool(config.get("use_rslora", False)))
     identity = BaseIdentity(
         recorded=task_vector.metadata.get("base_model"),
         recorded_fingerprint=task_vector.metadata.get("base_fingerprint"),
@@ -145,7 +145,7 @@ def new_comparison(
         given_fingerprint=fingerprint(base) if base is not None else None,
         recorded_finetuned_fingerprint=task_vector.metadata.get("finetuned_fingerprint"),
     )
-    comparison = Comparison(tolerance, merge_dtype, scaling, identity, with_base=base is not None)
+    comparison = Comparison(tolerance, merge_dtype, adapter.config, identity, with_base=base is not None)
     four_bit = FourBit.recorded(task_vector.metadata)
     comparison.base_4bit = four_bit.describe() if four_bit else None
     return comparison
@@ -174,7 +174,22 @@ def compare_pair(
         result.rounding_floor = rounding_floor(record.base_max_abs[name], delta, magnitude, merge_dtype, changes)
     result.status = "match" if result.max_abs_diff <= comparison.tolerance else "mismatch"
     comparison.shared.append(result)
+    scaling = module_scaling(changes, comparison.config.use_rslora)
+    if scaling is not None:
+        comparison.scalings[name] = scaling
     return result
+
+
+def module_scaling(changes: list[Change], use_rslora: bool) -> ModuleScaling | None:
+    """The rank, alpha and scaling of the LoRA layer that changes this tensor (its rank_pattern and alpha_pattern
+    entries applied), None for a tensor no LoRA product or bias scales."""
+    for change in changes:
+        match change:
+            case LoraTarget() | BiasUpdate():
+                return ModuleScaling(change.rank, change.alpha, use_rslora)
+            case ParameterPiece():
+                return ModuleScaling(change.target.rank, change.target.alpha, use_rslora)
+    return None
 
 
 def rounding_floor(

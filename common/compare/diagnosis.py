@@ -7,11 +7,14 @@ Every rule is a measurement against a stated threshold (docs/diagnosis.md):
 - a *scale* c (the least-squares fit of τ ≈ c·Δ) differs from 1, or from another value, when the gap exceeds
   SIGMAS standard deviations of c under independent noise (‖τ − cΔ‖ / (‖Δ‖√n)) plus the merge dtype's epsilon
   (the most a rounding of Δ itself moves c); the fit *explains* τ when it leaves at most FIT_EXPLAINS of ‖τ − Δ‖;
+  alpha/r and alpha/√r mixed up show as c = √r (or 1/√r) with each tensor's own r (rank_pattern), a wrong alpha as
+  one c in every tensor;
 - cosines are *near 0* below UNRELATED_COSINE: under 1% of τ's energy along Δ.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -19,7 +22,6 @@ from dataclasses import dataclass, field
 import torch
 
 from common.compare.comparison import Comparison
-from common.lora.adapter import lora_scaling
 from common.numerics.metrics import TensorComparison
 from common.numerics.precision import a_dtype, short_name
 from common.taskvec.task_vector import TauStatus
@@ -94,8 +96,9 @@ def _findings(c: Comparison, evidence: dict) -> list[tuple[str, str]]:
     if mean_cosine is not None and abs(mean_cosine) < UNRELATED_COSINE:
         found.append(("unrelated", _unrelated_line(c, mean_cosine)))
     scale = _common_scale(c, merged)
-    if scale is not None:
-        found.append(_scale_cause(c, scale))
+    scaled = _scale_cause(c, merged, scale)
+    if scaled is not None:
+        found.append(scaled)
     others = [n for n, s in c.task_vector_only.items() if s == TauStatus.CHANGED]
     if others and c.merge_dtype == torch.float32:
         others += [n for n, s in c.task_vector_only.items() if s == TauStatus.UNCLASSIFIED]  # fp32 cannot round
@@ -104,7 +107,7 @@ def _findings(c: Comparison, evidence: dict) -> list[tuple[str, str]]:
         found.append(("wrong_base", _base_like_line(c, others)))
     elif others and len(agreeing) == len(c.shared):
         found.append(("changes_outside_adapter", _outside_line(c, others)))
-    rounding = _rounding_cause(c, evidence, scale)
+    rounding = _rounding_cause(c, evidence, scaled is not None)
     if rounding is not None:
         found.append(rounding)
     if not found and _is_equivalent(c):
@@ -172,38 +175,91 @@ def _common_scale(c: Comparison, merged: list[TensorComparison]) -> float | None
     return scale
 
 
-def _scale_cause(c: Comparison, scale: float) -> tuple[str, str]:
-    alpha, rank, use_rslora = c.scaling
+def _scaled(merged: list[TensorComparison]) -> list[TensorComparison]:
+    """The merged adapted tensors a scale fit says something about."""
+    return [t for t in merged if t.norm_lora > 0 and math.isfinite(t.scale)]
+
+
+def _scale_cause(c: Comparison, merged: list[TensorComparison], scale: float | None) -> tuple[str, str] | None:
+    """A sign flip, alpha/r and alpha/√r mixed up (c = √r or 1/√r, each tensor's own r), or another scale."""
     tolerance = SIGMAS * max(t.scale_sigma for t in c.shared) + _epsilon(c)
-    head = f"τ = {scale:.6g}·Δ in every adapted tensor"
-    if abs(scale + 1) <= tolerance:
+    if scale is not None and abs(scale + 1) <= tolerance:
+        head = f"τ = {scale:.6g}·Δ in every adapted tensor"
         return "sign_flip", f"{head}: base and finetuned were swapped (τ was extracted as base − finetuned)"
-    root = math.sqrt(rank)
-    mixed = (
-        (root, "√r", "alpha/r", "alpha/√r (rsLoRA)")
-        if not use_rslora
-        else (1 / root, "1/√r", "alpha/√r (rsLoRA)", "alpha/r")
+    mixed = _rslora_mixup(c, merged, tolerance)
+    if mixed is not None:
+        return "rslora_mismatch", mixed
+    if scale is None:
+        return None
+    return "scale_mismatch", _scale_line(c, merged, scale)
+
+
+def _rslora_factor(c: Comparison, name: str) -> float:
+    """What mixing up alpha/r and alpha/√r multiplies a tensor's Δ by: √r when the adapter says alpha/r, 1/√r when
+    it says alpha/√r (rsLoRA); 1 for a tensor no LoRA scales (a trained copy)."""
+    scaling = c.scalings.get(name)
+    if scaling is None:
+        return 1.0
+    root = math.sqrt(scaling.rank)
+    return 1 / root if c.config.use_rslora else root
+
+
+def _rslora_mixup(c: Comparison, merged: list[TensorComparison], tolerance: float) -> str | None:
+    """The line when τ ≈ f·Δ in every merged adapted tensor, f = √r (or 1/√r) with the tensor's own rank, and some
+    r > 1; else None."""
+    tensors = _scaled(merged)
+    if not tensors or any(t.fit_residual > FIT_EXPLAINS for t in tensors):
+        return None
+    factors = {t.name: _rslora_factor(c, t.name) for t in tensors}
+    if all(f == 1 for f in factors.values()) or any(abs(t.scale / factors[t.name] - 1) > tolerance for t in tensors):
+        return None
+    ranks = sorted({c.scalings[t.name].rank for t in tensors if t.name in c.scalings})
+    name, says, used = (
+        ("1/√r", "alpha/√r (rsLoRA)", "alpha/r") if c.config.use_rslora else ("√r", "alpha/r", "alpha/√r (rsLoRA)")
     )
-    factor, name, says, used = mixed
-    if rank > 1 and abs(scale / factor - 1) <= tolerance:
-        return "rslora_mismatch", (
-            f"{head}: c = {name} for r = {rank}, so alpha/r and alpha/√r were mixed up: the adapter says {says}, "
-            f"the merge used {used}"
+    each = f"for r = {ranks[0]}" if len(ranks) == 1 else f"for each tensor's own r ({', '.join(map(str, ranks))})"
+    return (
+        f"{_scale_head(tensors)}: c = {name} {each}, so alpha/r and alpha/√r were mixed up: the adapter says {says}, "
+        f"the merge used {used}"
+    )
+
+
+def _scale_head(tensors: list[TensorComparison]) -> str:
+    scales = [t.scale for t in tensors]
+    if max(scales) - min(scales) <= 1e-6 * max(abs(s) for s in scales):
+        return f"τ = {statistics.fmean(scales):.6g}·Δ in every adapted tensor"
+    return f"τ = c·Δ in every adapted tensor, c from {min(scales):.6g} to {max(scales):.6g}"
+
+
+def _scale_line(c: Comparison, merged: list[TensorComparison], scale: float) -> str:
+    """One scale c in every tensor: the merge scaled each tensor's B@A by c times its own scaling, as if every alpha
+    (lora_alpha, and alpha_pattern's) were c times the adapter's."""
+    config = c.config
+    what = "alpha/√r" if config.use_rslora else "alpha/r"
+    own = sorted({c.scalings[t.name].scaling for t in _scaled(merged) if t.name in c.scalings})
+    adapters = f"{what} of each layer ({own[0]:.6g} to {own[-1]:.6g})" if len(own) > 1 else what
+    adapters += f" = {own[0]:.6g}" if len(own) == 1 else ""
+    alpha = config.lora_alpha
+    as_if = f"as if lora_alpha were {scale * alpha:.6g} instead of {alpha:g}"
+    if config.alpha_pattern:
+        was = ", ".join(f"{json.dumps(k)}: {v:g}" for k, v in config.alpha_pattern.items())
+        now = ", ".join(f"{json.dumps(k)}: {scale * v:.6g}" for k, v in config.alpha_pattern.items())
+        as_if = (
+            f"as if every alpha were {scale:.4g}× its own: lora_alpha {scale * alpha:.6g} instead of {alpha:g}, "
+            f"alpha_pattern {{{now}}} instead of {{{was}}}"
         )
-    s = lora_scaling(alpha, rank, use_rslora)
-    return "scale_mismatch", (
-        f"{head}, a scaling mismatch: the merge scaled B@A by {scale:.4g}× the adapter's "
-        f"{'alpha/√r' if use_rslora else 'alpha/r'} = {s:.6g}, as if lora_alpha were {scale * alpha:.6g} "
-        f"instead of {alpha:g}"
+    return (
+        f"τ = {scale:.6g}·Δ in every adapted tensor, a scaling mismatch: the merge scaled B@A by {scale:.4g}× the "
+        f"adapter's {adapters}, {as_if}"
     )
 
 
-def _rounding_cause(c: Comparison, evidence: dict, scale: float | None) -> tuple[str, str] | None:
+def _rounding_cause(c: Comparison, evidence: dict, scaled: bool) -> tuple[str, str] | None:
     """Every difference is what a merge at the recorded dtype rounds (after the scale, when one was found)."""
     if c.merge_dtype is None:
         return None
     failing = [t for t in c.shared if t.status != "match"]
-    if scale is not None:
+    if scaled:
         ok = [t.rounding_floor is not None and t.max_abs_fit_residual <= t.rounding_floor for t in c.shared]
         if not all(ok) or c.merge_dtype == torch.float32:
             return None

@@ -66,16 +66,21 @@ def apply_change(
     compute_dtype: torch.dtype | None = None,
     init_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """One change of an adapter applied to one tensor, in peft's arithmetic."""
-    if isinstance(change, Replacement):
-        return apply_replacement(weight, change, adapter)
-    if isinstance(change, LoraTarget):
-        return apply_low_rank(weight, change, adapter, compute_dtype, init_dtype)
-    if isinstance(change, BiasUpdate):
-        return apply_bias_update(weight, change, adapter)
-    if isinstance(change, ParameterPiece):
-        return apply_parameter_piece(weight, change, adapter, compute_dtype)
-    return apply_token_rows(weight, change, adapter)
+    """One change of an adapter applied to one tensor, in peft's arithmetic. A `ParameterTarget` is applied as the
+    `ParameterPiece`s the merge plan cuts it into; anything else is a bug (TypeError)."""
+    match change:
+        case Replacement():
+            return apply_replacement(weight, change, adapter)
+        case LoraTarget():
+            return apply_low_rank(weight, change, adapter, compute_dtype, init_dtype)
+        case BiasUpdate():
+            return apply_bias_update(weight, change, adapter)
+        case ParameterPiece():
+            return apply_parameter_piece(weight, change, adapter, compute_dtype)
+        case TokenRows():
+            return apply_token_rows(weight, change, adapter)
+        case _:
+            raise TypeError(f"no arithmetic for {_described(change)}")
 
 
 def apply_replacement(weight: torch.Tensor, change: Replacement, adapter: LoraAdapter) -> torch.Tensor:
@@ -184,18 +189,16 @@ def piece_delta(
     piece: ParameterPiece, adapter: LoraAdapter, device: torch.device, compute_dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """The part of the parameter's Δ this checkpoint tensor holds. Δ is computed whole, as peft does, and cut by
-    transformers' own save conversion; the pieces of one parameter are asked for one after the other, so they are
-    kept until another parameter's are asked for."""
+    transformers' own save conversion, once for all the pieces of the parameter (kept in `piece.deltas`, which the
+    merge plan gives them)."""
     if not piece.split:
         return parameter_delta(piece.target, adapter, device, compute_dtype)
-    cache = adapter.piece_cache
-    key = (piece.target.base_name, compute_dtype, str(device))
-    if key not in cache:
-        if any(k[0] != key[0] for k in cache):
-            cache.clear()
-        delta = parameter_delta(piece.target, adapter, device, compute_dtype)
-        cache[key] = adapter.structure.split(piece.target.base_name, delta)
-    return cache[key][piece.base_name]
+    parameter = piece.target.base_name
+
+    def cut() -> dict[str, torch.Tensor]:
+        return adapter.structure.split(parameter, parameter_delta(piece.target, adapter, device, compute_dtype))
+
+    return piece.deltas.get(parameter, compute_dtype, device, cut)[piece.base_name]
 
 
 def apply_parameter_piece(
@@ -208,19 +211,29 @@ def apply_parameter_piece(
 
 def is_base_free(change: Change) -> bool:
     """Plain LoRA updates and LoRA biases add a change that does not depend on the base weights."""
-    if isinstance(change, LoraTarget):
-        return not change.dora and change.init is None
-    return isinstance(change, BiasUpdate | ParameterPiece)
+    match change:
+        case LoraTarget():
+            return not change.dora and change.init is None
+        case BiasUpdate() | ParameterPiece():
+            return True
+        case Replacement() | TokenRows() | ParameterTarget():
+            return False
+        case _:
+            raise TypeError(f"not an adapter change: {_described(change)}")
 
 
 def base_free_delta(change: Change, adapter: LoraAdapter, device: torch.device) -> torch.Tensor:
     """The float64 change a base-free change (see `is_base_free`) makes."""
-    if isinstance(change, BiasUpdate):
-        return adapter.read(change.key).to(device).double() * change.scaling
-    if isinstance(change, ParameterPiece):
-        return piece_delta(change, adapter, device, torch.float64)
-    lora_a, lora_b = (f.to(device) for f in adapter.factors(change))
-    return lora_delta(change, lora_a, lora_b, torch.float64)
+    match change:
+        case BiasUpdate():
+            return adapter.read(change.key).to(device).double() * change.scaling
+        case ParameterPiece():
+            return piece_delta(change, adapter, device, torch.float64)
+        case LoraTarget() if is_base_free(change):
+            lora_a, lora_b = (f.to(device) for f in adapter.factors(change))
+            return lora_delta(change, lora_a, lora_b, torch.float64)
+        case _:
+            raise TypeError(f"not a base-free change: {_described(change)}")
 
 
 def product_magnitude(
@@ -231,16 +244,21 @@ def product_magnitude(
     cancel. Zero for other changes."""
     terms = []
     for change in changes:
-        if isinstance(change, LoraTarget):
-            lora_a, lora_b = (f.to(like.device).abs() for f in adapter.factors(change))
-            terms.append(lora_delta(change, lora_a, lora_b, torch.float64).abs_())
-            if change.init is not None and weight is not None:
-                init_a, init_b = (f.abs().double() for f in initial_factors(weight, change))
-                product = change.scaling * init_b @ init_a
-                transposed = change.fan_in_fan_out and change.init == "pissa"
-                terms.append(product.T if transposed else product)
-        elif isinstance(change, ParameterPiece):
-            terms.append(_piece_magnitude(change, adapter, like.device))
+        match change:
+            case LoraTarget():
+                lora_a, lora_b = (f.to(like.device).abs() for f in adapter.factors(change))
+                terms.append(lora_delta(change, lora_a, lora_b, torch.float64).abs_())
+                if change.init is not None and weight is not None:
+                    init_a, init_b = (f.abs().double() for f in initial_factors(weight, change))
+                    product = change.scaling * init_b @ init_a
+                    transposed = change.fan_in_fan_out and change.init == "pissa"
+                    terms.append(product.T if transposed else product)
+            case ParameterPiece():
+                terms.append(_piece_magnitude(change, adapter, like.device))
+            case BiasUpdate() | Replacement() | TokenRows():  # no product to round
+                pass
+            case _:
+                raise TypeError(f"no product magnitude for {_described(change)}")
     if not terms:
         return torch.zeros(like.shape, dtype=torch.float64, device=like.device)
     return common_rows(sum_of(terms), like)
@@ -281,3 +299,8 @@ def common_rows(merged: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """A merged tensor cut to the base's rows: a resized vocabulary's new rows have no base to subtract from, so Δ
     (like τ extracted with --allow_shape_mismatch) covers the rows both have."""
     return merged[: base.shape[0]] if merged.dim() and merged.shape[0] > base.shape[0] else merged
+
+
+def _described(change: object) -> str:
+    """A change in an error message: its type and the tensor it is for."""
+    return f"{type(change).__name__} {getattr(change, 'base_name', change)!r}"

@@ -1,8 +1,11 @@
-"""adapter_config.json: read, checked field by field, and what its `init_lora_weights` means for the base.
+"""adapter_config.json: read once into an `AdapterConfig`, checked field by field, and what its `init_lora_weights`
+means for the base.
 
-The fields the merge reads must have the types peft writes them in; LoRA variants whose merge is not
-W + s·B@A are refused by name; an initialisation that rewrote the base weights (PiSSA, OLoRA, CorDA, LoftQ,
-LoRA-GA) is redone when peft can redo it exactly, else refused with the ways out (docs/adapters.md).
+The fields the merge reads must have the types peft writes them in; absent ones take peft's LoraConfig defaults;
+each module's rank, alpha and scaling come from `AdapterConfig.module_scaling` (rank_pattern, alpha_pattern and
+rsLoRA as peft applies them). LoRA variants whose merge is not W + s·B@A are refused by name; an initialisation that
+rewrote the base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) is redone when peft can redo it exactly, else refused
+with the ways out (docs/adapters.md).
 """
 
 from __future__ import annotations
@@ -10,8 +13,10 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import MappingProxyType
 
 from common.errors import UserError, shorten
 from common.model.layout import read_json_object
@@ -27,7 +32,83 @@ WAYS_OUT = (
 )
 
 
-def base_rewriting_init(path: Path, config: dict) -> str | None:
+def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
+    """peft's scaling: `alpha / r`, or `alpha / √r` for rank-stabilised LoRA."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def pattern_value(patterns: Mapping[str, float] | None, module: str, default: float) -> float:
+    """peft's `rank_pattern` / `alpha_pattern` rule: the first key matching the end of the module path."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+@dataclass(frozen=True)
+class ModuleScaling:
+    """One LoRA layer's scale as peft sets it: its own rank and alpha (rank_pattern, alpha_pattern), and s."""
+
+    rank: int
+    alpha: float
+    use_rslora: bool = False
+
+    @property
+    def scaling(self) -> float:
+        return lora_scaling(self.alpha, self.rank, self.use_rslora)
+
+
+EMPTY: Mapping = MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """adapter_config.json, parsed once (`read_adapter_config`): the fields the toolkit reads, absent or null ones
+    at peft's LoraConfig defaults (peft 0.21); lists as tuples, objects as read-only mappings. `raw` is the file's
+    object as read, for what is written back out (the exporter copies its task_type)."""
+
+    raw: Mapping[str, object]
+    r: int = 8
+    lora_alpha: float = 8
+    use_rslora: bool = False
+    rank_pattern: Mapping[str, int] = field(default_factory=lambda: EMPTY)
+    alpha_pattern: Mapping[str, float] = field(default_factory=lambda: EMPTY)
+    target_modules: str | tuple[str, ...] | None = None
+    exclude_modules: str | tuple[str, ...] | None = None
+    modules_to_save: tuple[str, ...] | None = None
+    layers_to_transform: int | tuple[int, ...] | None = None
+    layers_pattern: str | tuple[str, ...] | None = None
+    target_parameters: tuple[str, ...] | None = None
+    trainable_token_indices: object = None  # a list of indices or an object of module names to them: as read
+    fan_in_fan_out: bool = False
+    use_dora: bool = False
+    lora_bias: bool = False
+    init_lora_weights: bool | str | None = True  # null stays null: not an init peft knows
+
+    @classmethod
+    def parse(cls, raw: dict) -> AdapterConfig:
+        """The typed config of a JSON object whose fields have been checked (`_check_config_types`)."""
+        names = {f.name for f in fields(cls)} - {"raw"}
+        given = {k: _frozen(v) for k, v in raw.items() if k in names and (v is not None or k == "init_lora_weights")}
+        return cls(raw=MappingProxyType(dict(raw)), **given)
+
+    def module_scaling(self, module: str) -> ModuleScaling:
+        """The rank, alpha and scaling peft gives the LoRA at `module` (a module path, or a `target_parameters`
+        parameter's name): rank_pattern and alpha_pattern matched as peft's `get_pattern_key` matches them."""
+        rank = pattern_value(self.rank_pattern, module, self.r)
+        return ModuleScaling(rank, pattern_value(self.alpha_pattern, module, self.lora_alpha), self.use_rslora)
+
+
+def _frozen(value: object) -> object:
+    """JSON values made immutable: lists as tuples, objects as read-only mappings."""
+    if isinstance(value, list):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, dict):
+        return MappingProxyType({k: _frozen(v) for k, v in value.items()})
+    return value
+
+
+def base_rewriting_init(path: Path, config: AdapterConfig) -> str | None:
     """The base-rewriting initialisation this adapter needs redone ("pissa" or "olora"), None for a plain LoRA.
 
     When `init_lora_weights` is PiSSA, OLoRA, CorDA, LoftQ or LoRA-GA, training started from a rewritten base
@@ -35,7 +116,7 @@ def base_rewriting_init(path: Path, config: dict) -> str | None:
     PiSSA (exact SVD) and OLoRA (QR) on the original base; the others it cannot redo (a randomised SVD, the
     quantisation, data statistics or gradients they came from), so they are refused with the ways out.
     """
-    init = config.get("init_lora_weights", True)
+    init = config.init_lora_weights
     if init in PLAIN_INITS:
         return None
     name = str(init).lower() if isinstance(init, str) else init
@@ -70,35 +151,37 @@ UNSUPPORTED_VARIANTS = (
 )
 
 
-def read_adapter_config(path: Path) -> dict:
-    config = read_json_object(path)
-    peft_type = config.get("peft_type", "LORA")
+def read_adapter_config(path: Path) -> AdapterConfig:
+    """adapter_config.json parsed into an `AdapterConfig`, or a UserError naming what peft or this toolkit refuses."""
+    raw = read_json_object(path)
+    peft_type = raw.get("peft_type", "LORA")
     if peft_type != "LORA":
         raise UserError(f"{path}: peft_type {shorten(str(peft_type))} is not supported (only LORA)")
-    if config.get("layer_replication"):
+    if raw.get("layer_replication"):
         raise UserError(f"{path}: layer_replication cannot be merged (peft refuses it too)")
-    _check_config_types(path, config)
+    _check_config_types(path, raw)
+    config = AdapterConfig.parse(raw)
     for refusal in peft_refusals(config):
         raise UserError(f"{path}: {refusal} (peft's LoraConfig refuses it too)")
-    variants = [key for key in UNSUPPORTED_VARIANTS if config.get(key)]
+    variants = [key for key in UNSUPPORTED_VARIANTS if raw.get(key)]
     if variants:
         raise UserError(f"{path}: {', '.join(variants)} is set: a LoRA variant this toolkit does not support")
     return config
 
 
-def peft_refusals(config: dict) -> list[str]:
+def peft_refusals(config: AdapterConfig) -> list[str]:
     """The combinations of fields peft's LoraConfig.__post_init__ refuses (peft 0.21), in its words."""
     refusals = []
-    regex = isinstance(config.get("target_modules"), str)
-    if regex and config.get("layers_to_transform") is not None:
+    regex = isinstance(config.target_modules, str)
+    if regex and config.layers_to_transform is not None:
         refusals.append("`layers_to_transform` cannot be used when `target_modules` is a str")
-    if regex and config.get("layers_pattern") is not None:
+    if regex and config.layers_pattern is not None:
         refusals.append("`layers_pattern` cannot be used when `target_modules` is a str")
-    if config.get("layers_pattern") and config.get("layers_to_transform") is None:
+    if config.layers_pattern and config.layers_to_transform is None:
         refusals.append("when `layers_pattern` is specified, `layers_to_transform` must also be specified")
-    if config.get("lora_bias") and config.get("init_lora_weights", True) not in (True, False):
+    if config.lora_bias and config.init_lora_weights not in (True, False):
         refusals.append("lora_bias=True is only supported with init_lora_weights=True or False")
-    if config.get("lora_bias") and config.get("use_dora"):
+    if config.lora_bias and config.use_dora:
         refusals.append("lora_bias=True is not supported for DoRA")
     return refusals
 
@@ -192,7 +275,7 @@ def _check_config_types(path: Path, config: dict) -> None:
 ALL_LINEAR = "all-linear"
 
 
-def targets(config: dict, module: str, linear: bool = True, head: str = "lm_head") -> bool:
+def targets(config: AdapterConfig, module: str, linear: bool = True, head: str = "lm_head") -> bool:
     """Does peft build a LoRA layer at `module` (a path in the model, as peft names modules) from this config?
 
     peft's `check_target_module_exists` (tuners_utils), rule for rule: `exclude_modules` (a regex, or names matched
@@ -202,18 +285,18 @@ def targets(config: dict, module: str, linear: bool = True, head: str = "lm_head
     index after `layers_pattern`, or after the first numbered segment). No `target_modules`: the adapter's own files
     decide (peft would take its defaults for the model type). tests/test_merge_config.py holds this to peft.
     """
-    exclude = config.get("exclude_modules")
+    exclude = config.exclude_modules
     if exclude:
         if isinstance(exclude, str):
             if re.fullmatch(exclude, module):
                 return False
         elif module in exclude or any(module.endswith(f".{name}") for name in exclude):
             return False
-    if any(re.match(rf"(^|.*\.){name}($|\..*)", module) for name in config.get("modules_to_save") or []):
+    if any(re.match(rf"(^|.*\.){name}($|\..*)", module) for name in config.modules_to_save or ()):
         return False
-    wanted = config.get("target_modules")
+    wanted = config.target_modules
     if wanted is None:
-        return not config.get("target_parameters")
+        return not config.target_parameters
     if isinstance(wanted, str):
         if wanted.lower() == ALL_LINEAR:
             return linear and module != head and not module.endswith(f".{head}")
@@ -225,11 +308,11 @@ def targets(config: dict, module: str, linear: bool = True, head: str = "lm_head
     return _in_transformed_layer(config, module)
 
 
-def _in_transformed_layer(config: dict, module: str) -> bool:
-    layers = config.get("layers_to_transform")
-    if layers is None or (isinstance(layers, list) and not layers):
+def _in_transformed_layer(config: AdapterConfig, module: str) -> bool:
+    layers = config.layers_to_transform
+    if layers is None or (isinstance(layers, tuple) and not layers):
         return True
-    patterns = config.get("layers_pattern")
+    patterns = config.layers_pattern
     match = None
     if not patterns:
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)

@@ -168,7 +168,7 @@ def check_requantizable(adapter: LoraAdapter, quantized: QuantizedBase) -> None:
         for change in adapter.changes.get(name, []):
             if isinstance(change, LoraTarget) and (change.dora or change.init):
                 raise UserError(f"--requantize: {name} is a DoRA / PiSSA / OLoRA layer: merge without --requantize")
-    if adapter.config.get("lora_bias"):
+    if adapter.config.lora_bias:
         raise UserError("--requantize: lora_bias (peft's 4-bit merge adds lora_B.bias unscaled): merge without it")
 
 

@@ -30,6 +30,7 @@ from common.lora.adapter import (
     LoraTarget,
     ParameterPiece,
     ParameterTarget,
+    PieceDeltas,
     Replacement,
     TokenRows,
     names_in_checkpoint,
@@ -187,9 +188,11 @@ def split_parameters(
     adapter: LoraAdapter, changes: dict[str, list[Change]], shapes: dict[str, tuple[int, ...]], what: str
 ) -> tuple[dict[str, list[Change]], list[list[str]]]:
     """Each `ParameterTarget` as `ParameterPiece`s on the checkpoint tensors that hold its parameter: the
-    parameter itself when the checkpoint has it, else the tensors transformers saves it as."""
+    parameter itself when the checkpoint has it, else the tensors transformers saves it as. The pieces share one
+    `PieceDeltas`, which keeps the cut Δ of the parameter asked for last."""
     out: dict[str, list[Change]] = {}
     groups = []
+    deltas = PieceDeltas()
     for name, name_changes in changes.items():
         for change in name_changes:
             if not isinstance(change, ParameterTarget):
@@ -199,7 +202,7 @@ def split_parameters(
             else:
                 pieces = _pieces_in_checkpoint(adapter, change, shapes, what)
                 for piece in pieces:
-                    out.setdefault(piece, []).append(ParameterPiece(piece, change, split=True))
+                    out.setdefault(piece, []).append(ParameterPiece(piece, change, split=True, deltas=deltas))
                 groups.append(pieces)
     return {n: sorted(cs, key=lambda c: ORDER[type(c)]) for n, cs in out.items()}, groups
 

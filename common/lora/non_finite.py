@@ -7,15 +7,28 @@ import torch
 
 from common.errors import UserError
 from common.io.safetensors_io import CheckpointIndex
-from common.lora.adapter import Change, LoraAdapter, LoraTarget
+from common.lora.adapter import (
+    BiasUpdate,
+    Change,
+    LoraAdapter,
+    LoraTarget,
+    ParameterPiece,
+    Replacement,
+    TokenRows,
+)
 from common.numerics.finite import SHOWN, count_in_checkpoint, count_non_finite
 
 
 def change_keys(change: Change) -> list[str]:
     """The adapter tensors a change is computed from."""
-    if isinstance(change, LoraTarget):
-        return [k for k in (change.key_a, change.key_b, change.magnitude_key) if k is not None]
-    return [change.key]
+    match change:
+        case LoraTarget():
+            return [k for k in (change.key_a, change.key_b, change.magnitude_key) if k is not None]
+        case ParameterPiece():
+            return [change.target.key_a, change.target.key_b]
+        case BiasUpdate() | Replacement() | TokenRows():
+            return [change.key]
+    raise TypeError(f"no adapter tensors known for a {type(change).__name__}")
 
 
 def non_finite_inputs(
