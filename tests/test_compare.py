@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 
 import pytest
@@ -11,7 +12,6 @@ import torch
 from conftest import assert_user_error, run_main
 from safetensors.torch import load_file
 
-from common.lora.adapter import LoraAdapter
 from common.lora.arithmetic import lora_delta
 from common.numerics.metrics import compare_tensor, cosine
 
@@ -46,16 +46,35 @@ def test_matching_adapter_is_equivalent_exit_0(tiny, tmp_path, pipeline):
     assert (out / "norm_distribution_comparison.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_lora_deltas_file_holds_scaling_B_A_under_base_names(tiny, tmp_path, pipeline):
+def peft_delta_weights(base, adapter) -> dict[str, torch.Tensor]:
+    """Δ of every LoRA layer as peft computes it (`get_delta_weight`) with the model, and so the factors, loaded in
+    float64, under the name of the base tensor it changes: peft's own reading of the adapter folder, none of ours."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64), adapter)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    with torch.no_grad():
+        return {
+            f"{name.removeprefix('base_model.model.')}.weight": layer.get_delta_weight("default")
+            for name, layer in layers.items()
+        }
+
+
+def test_lora_deltas_file_holds_peft_delta_weights_under_base_names(tiny, tmp_path, pipeline):
+    """lora_deltas.safetensors is peft's Δ (computed in float64, then rounded once to float32), bit for bit: the
+    expectation is peft's own load of the adapter, so a misread config (alpha, rank, rsLoRA, patterns) or a
+    misnamed target cannot pass by being misread the same way on both sides."""
     _, _, out = compare(tiny, tmp_path, pipeline("fp32").task_vector_file)
     deltas = load_file(out / "lora_deltas.safetensors")
-    adapter = LoraAdapter(tiny.adapter)
-    assert set(deltas) == set(adapter.targets)
-    for name, target in adapter.targets.items():
-        a, b = adapter.factors(target)
-        expected = (b.double() @ a.double() * (target.alpha / target.rank)).float()
-        assert deltas[name].dtype == torch.float32
-        torch.testing.assert_close(deltas[name], expected, rtol=0, atol=0)
+    expected = peft_delta_weights(tiny.base, tiny.adapter)
+    assert len(expected) == 8 and set(deltas) == set(expected)
+    config = json.loads((tiny.adapter / "adapter_config.json").read_text())
+    assert config["lora_alpha"] / config["r"] == 2  # a scaling of 1 would not show a scaling that is skipped
+    for name, delta in expected.items():
+        assert delta.dtype == torch.float64 and deltas[name].dtype == torch.float32
+        assert torch.equal(deltas[name], delta.float()), name
 
 
 def test_wrong_adapter_is_not_equivalent_exit_1(tiny, tmp_path, pipeline):
@@ -120,13 +139,85 @@ def test_missing_task_vector_is_a_user_error(tiny, tmp_path):
     assert not out.exists()
 
 
-def test_cosine_never_exceeds_one():
-    torch.manual_seed(0)
-    for scale in (1e-30, 1.0, 1e30):
-        x = torch.randn(257, 129, dtype=torch.float32) * scale
-        assert cosine(x, x) <= 1.0 and cosine(x, -x) >= -1.0
-        assert cosine(x, x * 3) <= 1.0
-        assert compare_tensor("t", x, x + 1e-7 * scale).cosine <= 1.0
+U = 2.0**-53  # float64's unit roundoff; 1 − U is the float64 just below 1
+
+
+def closed_form_cosine(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """⟨x,y⟩ / (‖x‖‖y‖) of two float32 tensors computed apart from the code (Python floats, math.fsum), and the most a
+    correct float64 computation can differ from it by.
+
+    Each product of two float32 numbers is exact in float64 and fsum rounds each sum once, so this value is within
+    4U of the true cosine. A float64 sum of n terms in any order errs by at most γₙ·Σ|terms| (γₙ = nU / (1 − nU)),
+    on ⟨x,y⟩ and on both squared norms: γₙ·(Σ|xᵢyᵢ| / (‖x‖‖y‖) + |cos|), plus the rounding of the last square roots,
+    product and quotient."""
+    a, b = x.double().flatten().tolist(), y.double().flatten().tolist()
+    inner = math.fsum(p * q for p, q in zip(a, b, strict=True))
+    magnitude = math.fsum(abs(p * q) for p, q in zip(a, b, strict=True))
+    norms = math.sqrt(math.fsum(p * p for p in a)) * math.sqrt(math.fsum(q * q for q in b))
+    value, gamma = inner / norms, len(a) * U / (1 - len(a) * U)
+    return value, gamma * (magnitude / norms + abs(value)) + 8 * U
+
+
+def cosines(monkeypatch, x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    """cosine(x, y), and compare_tensor's cosine over the whole tensor and in chunks of 3001 elements (2 or 3 of them
+    here, the last one partial)."""
+    import common.numerics.metrics as metrics
+
+    found = [cosine(x, y), compare_tensor("t", x, y).cosine]
+    with monkeypatch.context() as patched:
+        patched.setattr(metrics, "chunk_elements", lambda device: 3001)
+        return [*found, compare_tensor("t", x, y).cosine]
+
+
+def test_cosine_is_the_closed_form_at_every_scale(monkeypatch):
+    """cosine and compare_tensor's cosine against the closed form, for pairs from opposite to identical, at float32
+    magnitudes from subnormal to near overflow: a wrong norm, a missing square root, a float32 sum, a clamp that
+    rounds a near-1 cosine up, or a chunk lost or counted twice fails here. The clamp to [−1, 1] cannot hide them:
+    the near pairs are ~5e-9 and ~5e-11 from ±1, over ten times the most rounding can give (the bound)."""
+    generator = torch.Generator().manual_seed(0)
+    for scale in (1e-38, 1e-30, 1e-3, 1.0, 1e30, 1e37):
+        x, noise = (torch.randn(65, 129, generator=generator) * scale for _ in range(2))
+        pairs = {
+            "itself": x,
+            "negated": -x,
+            "tripled": 3 * x,
+            "near": x + 1e-4 * noise,
+            "nearer": x + 1e-5 * noise,
+            "near_opposite": -x + 1e-4 * noise,
+            "correlated": x + noise,
+            "independent": noise,
+        }
+        for what, y in pairs.items():
+            expected, bound = closed_form_cosine(x, y)
+            if what.startswith("near"):
+                assert 1 - abs(expected) > 10 * bound, (scale, what, expected, bound)
+            for got in cosines(monkeypatch, x, y):
+                assert abs(got - expected) <= bound and -1 <= got <= 1, (scale, what, got, expected, bound)
+        itself = cosines(monkeypatch, x, x)
+        assert all(1 - 4 * U <= c <= 1 for c in itself), (scale, itself)  # ⟨x,x⟩ / (√⟨x,x⟩)²: 3 roundings
+        assert cosine(x, -x) == -itself[0] and cosine(x, 4 * x) == itself[0]  # signs and powers of 2 are exact
+
+
+def test_cosine_of_integer_vectors_is_exact(monkeypatch):
+    """Sums of small integers times a power of 2 are exact in float64 in any order and any chunks, so these closed
+    forms hold to the last bit: 8/9, 24/25, orthogonal (0), opposite (−1), and (4096 − 2k)/4096 for 4096 ones
+    against k of them negated (√4096 = 64 is exact)."""
+    ones, flipped = torch.ones(4096), torch.ones(4096)
+    flipped[torch.randperm(4096, generator=torch.Generator().manual_seed(0))[:1000]] = -1
+    cases = [
+        ([1, 2, 2], [2, 2, 1], 8 / 9),
+        ([3, 4], [4, 3], 24 / 25),
+        ([1, 2, 2], [2, 1, -2], 0.0),
+        ([1, 2, 2], [-2, -4, -4], -1.0),
+        (ones, flipped, (4096 - 2000) / 4096),
+        (ones, ones, 1.0),
+    ]
+    for scale in (2.0**-60, 1.0, 2.0**60):
+        for x, y, expected in cases:
+            x, y = torch.as_tensor(x, dtype=torch.float32) * scale, torch.as_tensor(y, dtype=torch.float32) * scale
+            assert cosines(monkeypatch, x, y) == [expected] * 3, (scale, x[:3], y[:3])
+            result = compare_tensor("t", x, y)
+            assert result.norm_lora == float(x.double().norm()) and result.norm_task_vector == float(y.double().norm())
     assert cosine(torch.zeros(3), torch.zeros(3)) == 1.0 and cosine(torch.zeros(3), torch.ones(3)) == 0.0
 
 
@@ -139,14 +230,56 @@ def test_compare_metrics_are_exact_on_a_known_case():
     assert result.max_abs_diff == 4.0 and result.rel_error == 1.0
 
 
+class ThreeLayers(torch.nn.Module):
+    """The three layer kinds `lora_delta` shapes Δ for: a Linear (out × in), transformers' Conv1D (in × out, peft's
+    fan_in_fan_out) and an Embedding (vocab × dim, A and B swapped)."""
+
+    def __init__(self, rows: int):
+        from transformers.pytorch_utils import Conv1D
+
+        super().__init__()
+        self.linear = torch.nn.Linear(6, rows)
+        self.conv1d = Conv1D(rows, 6)
+        self.embedding = torch.nn.Embedding(rows, 6)
+
+
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+@pytest.mark.parametrize("use_rslora", [False, True], ids=["lora", "rslora"])
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "embedding"])
 @pytest.mark.parametrize("rows", [1, 5])
-def test_lora_delta_in_float64_is_scaling_b_a(rows):
+def test_lora_delta_is_peft_get_delta_weight(rows, kind, use_rslora, precision):
+    """lora_delta(target, A, B, float64) is peft's get_delta_weight on a layer held in float64, and lora_delta(target,
+    A, B) is peft's in float32, bit for bit, the factors saved in float32 as an adapter file holds them. The target's
+    scaling is the config's closed form (alpha / r, alpha / √r), not peft's."""
+    from peft import LoraConfig, get_peft_model
+
     from common.lora.adapter import LoraTarget
 
-    torch.manual_seed(1)
-    a, b = torch.randn(4, 6), torch.randn(rows, 4)
-    target = LoraTarget("m", "m.weight", "a", "b", rank=4, alpha=8, scaling=2.0, fan_in_fan_out=False, shape=(rows, 6))
-    assert torch.equal(lora_delta(target, a, b, torch.float64), (b.double() @ a.double()) * 2.0)
+    dtype = getattr(torch, precision)
+    config = LoraConfig(
+        r=4, lora_alpha=8, use_rslora=use_rslora, target_modules=[kind], fan_in_fan_out=kind == "conv1d",
+        init_lora_weights=False,
+    )  # fmt: skip
+    layer = getattr(get_peft_model(ThreeLayers(rows).to(dtype), config).base_model.model, kind)
+    factors = [layer.lora_embedding_A, layer.lora_embedding_B] if kind == "embedding" else [layer.lora_A, layer.lora_B]
+    generator = torch.Generator().manual_seed(rows)
+    saved = []  # A and B as the adapter file holds them: float32
+    with torch.no_grad():
+        for factor in factors:
+            weight = factor["default"] if kind == "embedding" else factor["default"].weight
+            assert weight.dtype == dtype  # peft holds the factors in the layer's dtype
+            saved.append(torch.randn(weight.shape, generator=generator))
+            weight.copy_(saved[-1])
+        expected = layer.get_delta_weight("default")
+    base_shape = tuple(layer.get_base_layer().weight.shape)
+    scaling = 8 / 2 if use_rslora else 8 / 4
+    target = LoraTarget(
+        kind, f"{kind}.weight", "a", "b", rank=4, alpha=8, scaling=scaling, fan_in_fan_out=kind == "conv1d",
+        shape=base_shape, embedding=kind == "embedding",
+    )  # fmt: skip
+    got = lora_delta(target, *saved, torch.float64 if precision == "float64" else None)
+    assert expected.dtype == got.dtype == dtype and tuple(got.shape) == base_shape
+    assert torch.equal(got, expected)
 
 
 @pytest.fixture(scope="module")
