@@ -7,6 +7,11 @@ The result is a normal Hugging Face model folder, bitwise equal to peft's `merge
 the same device, written without ever holding the model in memory. `--engine peft` runs peft's own
 merge instead (the whole model in memory), kept for cross-checks.
 
+Several inputs (docs/combine.md): `--lora_path A B --task_vector_path T --weights 1 0.5 -1` writes θ₀ + Σ wᵢ·Δᵢ,
+weights in the order adapters then task vectors, with peft's rounding (set_scale and merge_and_unload of the
+adapters loaded together; the task vectors as mergekit's task_arithmetic adds them) or `--combine_rounding exact`
+(the float64 sum rounded once), and records what it combined in combination.json beside the weights.
+
 QLoRA (an adapter trained on the base loaded 4-bit): `--bnb_4bit_quant_type nf4 [--bnb_4bit_use_double_quant]`
 merges into deq(Q(W)), the weights it was trained on (transformers' dequantize(), then merge_and_unload), bit for
 bit; with `--requantize`, as merge_and_unload on the 4-bit model then dequantize() (common/model/quantization.py).
@@ -18,8 +23,13 @@ explain them.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import math
 import time
 from pathlib import Path
+
+import torch
 
 from common.cli import (
     add_overwrite,
@@ -35,6 +45,9 @@ from common.cli import (
     setup_logging,
     tensor_progress,
 )
+from common.combine.combine import combine_checkpoint
+from common.combine.plan import ROUNDINGS, AdapterInput, CombinationInput, TaskVectorInput, plan_combination
+from common.combine.record import FORMULA, RECORD_FILE, task_vectors_of_another_base, write_record
 from common.errors import UserError
 from common.io.outputs import check_output_dir, staged_output_dir
 from common.io.safetensors_io import CheckpointIndex
@@ -45,11 +58,39 @@ from common.model.layout import check_base_supported, read_config
 from common.model.quantization import QUANT_TYPES, FourBit, quantized_weights
 from common.numerics.precision import PRECISIONS, dtype_of
 
+DEFAULT_ADAPTER = "checkpoint-40000/"
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__)
     parser.add_argument("--base_model", default="bigcode/starcoder2-3b", help="hub id or local folder")
-    parser.add_argument("--lora_path", default="checkpoint-40000/", help="adapter or checkpoint-N folder, or hub id")
+    parser.add_argument(
+        "--lora_path",
+        nargs="+",
+        default=None,
+        help=f"adapter or checkpoint-N folder, or hub id; several to combine them (default: {DEFAULT_ADAPTER}, "
+        "unless --task_vector_path is given)",
+    )
+    parser.add_argument(
+        "--task_vector_path",
+        nargs="+",
+        default=None,
+        help="task vector files (or folders) written by extract_task_vectors.py, added to the base with the adapters",
+    )
+    parser.add_argument(
+        "--weights",
+        nargs="+",
+        type=finite_weight,
+        default=None,
+        help="one weight per input, adapters first, then task vectors, each in the order given (default: all 1)",
+    )
+    parser.add_argument(
+        "--combine_rounding",
+        choices=ROUNDINGS,
+        default="peft",
+        help="with several inputs or --weights: peft (the adapters as peft merges them after set_scale, task vectors "
+        "as mergekit's task_arithmetic adds them) or exact (the float64 sum rounded once)",
+    )
     parser.add_argument("--output_dir", type=folder_path, default=Path("merged_model"), help="merged model folder")
     parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="dtype of the merged model")
     parser.add_argument(
@@ -75,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     base_dir = resolve_model(args.base_model, "base model")
     config = read_config(base_dir)
     check_base_supported(config, base_dir)
-    adapter = LoraAdapter(resolve_adapter(args.lora_path), base_dir, args.residual_base)
+    adapters, task_vectors = input_paths(args)
+    if len(adapters) + len(task_vectors) > 1 or task_vectors or args.weights or args.combine_rounding == "exact":
+        return combine(args, adapters, task_vectors, four_bit, base_dir, config, precision, device, started)
+    adapter = LoraAdapter(resolve_adapter(adapters[0]), base_dir, args.residual_base)
     check_output_dir(args.output_dir, [base_dir, adapter.folder], args.overwrite)
 
     with CheckpointIndex(base_dir) as base, staged_output_dir(args.output_dir, args.overwrite) as staging:
@@ -112,6 +156,108 @@ def main(argv: list[str] | None = None) -> int:
         f"in {time.perf_counter() - started:.2f} s, peak memory {peak_memory_gb():.2f} GB"
     )
     return 0
+
+
+def combine(
+    args: argparse.Namespace,
+    adapters: list[str],
+    task_vectors: list[str],
+    four_bit: FourBit | None,
+    base_dir: Path,
+    config: dict,
+    precision: torch.dtype,
+    device: torch.device,
+    started: float,
+) -> int:
+    """θ₀ + Σ wᵢ·Δᵢ of several adapters and task vectors (or one, weighted), streamed; combination.json beside."""
+    weights = combination_weights(args.weights, len(adapters), len(task_vectors))
+    if args.engine == "peft" or four_bit is not None:
+        flag = "--engine peft" if args.engine == "peft" else "--bnb_4bit_quant_type"
+        raise UserError(f"{flag} merges one adapter: combine several inputs (or weigh one) without it")
+    with contextlib.ExitStack() as stack:
+        inputs: list[CombinationInput] = []
+        for path, weight in zip(adapters, weights, strict=False):
+            adapter = LoraAdapter(resolve_adapter(path), base_dir, args.residual_base)
+            stack.callback(adapter.close)
+            inputs.append(AdapterInput(adapter, weight, path))
+        for path, weight in zip(task_vectors, weights[len(adapters) :], strict=True):
+            inputs.append(TaskVectorInput(stack.enter_context(task_vector_file(path)), weight, path))
+        folders = [x.adapter.folder if isinstance(x, AdapterInput) else Path(x.path) for x in inputs]
+        check_output_dir(args.output_dir, [base_dir, *folders], args.overwrite)
+        base = stack.enter_context(CheckpointIndex(base_dir))
+        for path in task_vectors_of_another_base(inputs, base):
+            log.warning(
+                f"note: task vector {path} was extracted against another base than {args.base_model} (their "
+                "fingerprints differ): combined all the same; combination.json records both"
+            )
+        plan = plan_combination(base, inputs, precision, config)
+        with staged_output_dir(args.output_dir, args.overwrite) as staging:
+            total = sum(spec.nbytes for spec in plan.specs)
+            with tensor_progress(total, "combine", args.verbose, unit="B") as step:
+                summary = combine_checkpoint(base, inputs, plan, staging, args.combine_rounding, device, on_tensor=step)
+            side = folders[0] if adapters else base_dir  # the tokenizer: the first adapter's if it has one
+            write_model_files(config, base_dir, side, staging, precision, plan.untied)
+            write_record(staging, args.base_model, base, inputs, args.combine_rounding, precision, len(summary.changed))
+    if plan.untied:
+        log.info(
+            "note: the inputs change the output head and the input embedding differently: lm_head.weight is "
+            "written untied (tie_word_embeddings: false)"
+        )
+    log.info(
+        f"{len(summary.changed)} of {summary.tensors} tensors changed: {FORMULA} of {len(inputs)} inputs, weights "
+        f"{' '.join(f'{w:g}' for w in weights)}, {args.combine_rounding} rounding, at {args.precision} on {device} -> "
+        f"{args.output_dir} ({RECORD_FILE} beside) in {time.perf_counter() - started:.2f} s, "
+        f"peak memory {peak_memory_gb():.2f} GB"
+    )
+    return 0
+
+
+def input_paths(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The adapters and task vectors given (one from --config is a single string); without either, the default
+    adapter."""
+    adapters, task_vectors = (
+        [value] if isinstance(value, str) else list(value or []) for value in (args.lora_path, args.task_vector_path)
+    )
+    return (adapters or ([] if task_vectors else [DEFAULT_ADAPTER])), task_vectors
+
+
+def combination_weights(weights: list[float] | float | None, adapters: int, task_vectors: int) -> list[float]:
+    """One weight per input (all 1 by default); a count that does not match is refused."""
+    count = adapters + task_vectors
+    weights = [weights] if isinstance(weights, float) else weights
+    if weights is None:
+        return [1.0] * count
+    if len(weights) != count:
+        raise UserError(
+            f"--weights gives {len(weights)} number{'s' * (len(weights) != 1)} for {count} input{'s' * (count != 1)} "
+            f"({adapters} adapter{'s' * (adapters != 1)}, {task_vectors} task vector{'s' * (task_vectors != 1)}): "
+            "one per input, adapters first, then task vectors"
+        )
+    return weights
+
+
+def finite_weight(text: str) -> float:
+    """A weight: a finite number (negative ones subtract)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"a weight must be a finite number, not {text!r}")
+    return value
+
+
+@contextlib.contextmanager
+def task_vector_file(path: str):
+    """A task vector written by extract_task_vectors.py: a safetensors file, or the folder holding it. Its header
+    records how it was computed (compute_dtype); a model given here by mistake has no such record and is refused."""
+    with CheckpointIndex(Path(path)) as index:
+        if "compute_dtype" not in index.metadata:
+            raise UserError(
+                f"task vector {path}: not written by extract_task_vectors.py (its header records no compute_dtype): "
+                "a model? Extract its task vector against the base first"
+            )
+        yield index
 
 
 def four_bit_flags(args) -> FourBit | None:

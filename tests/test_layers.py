@@ -7,7 +7,7 @@ import pytest
 
 COMMON = Path(__file__).resolve().parent.parent / "common"
 LAYER = {"errors": 0, "quiet": 0, "io": 1, "numerics": 2, "model": 2, "lora": 3, "taskvec": 3}
-LAYER |= {"compare": 4, "analysis": 5, "cli": 6}
+LAYER |= {"combine": 4, "compare": 5, "analysis": 6, "cli": 7}
 
 
 def imports_of(path: Path) -> list[str]:
