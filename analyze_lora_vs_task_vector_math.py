@@ -22,6 +22,7 @@ docs/maths.md, docs/reports.md.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 from pathlib import Path
 
@@ -54,6 +55,7 @@ from common.errors import UserError
 from common.io.outputs import check_output_dir, staged_output_dir
 from common.io.safetensors_io import CheckpointIndex
 from common.io.sources import resolve_adapter, resolve_model
+from common.io.tensor_source import TensorSource
 from common.lora.adapter import LoraAdapter
 from common.lora.deltas import plan_deltas
 from common.model.layout import read_config
@@ -133,10 +135,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.lora_file is not None:
             lora_deltas = stack.enter_context(CheckpointIndex(args.lora_file))
             deltas = deltas_from_file(lora_deltas, base, device)
-        exporter = make_exporter(args, task_vector, base_dir)
+        export = export_setup(args, task_vector, base_dir)
         recorded_base = recorded_base_dir(base_dir, task_vector.metadata)  # the export reads the base τ records
         check_output_dir(args.output_dir, inputs + ([recorded_base] if recorded_base else []), args.overwrite)
         staging = stack.enter_context(staged_output_dir(args.output_dir, args.overwrite))
+        exporter = None
+        if export is not None:  # its factors go to a scratch file in the staging folder as they are made
+            exporter = stack.enter_context(LoraExporter(*export, task_vector.shapes(), scratch_dir=staging))
         found, quantization = None, None
         if adapter is not None and base is not None and not isinstance(base, DequantizedBase):
             found, quantization = quantization_of(task_vector, base, base_dir, known, adapter, plan, device)
@@ -145,18 +150,26 @@ def main(argv: list[str] | None = None) -> int:
             verdict = VerdictEvidence(adapter, plan, task_vector, base, args.base_model, record)
         with tensor_progress(count, "analyze", args.verbose) as step:
             intruders = (args.intruder_k, args.intruder_epsilon)
-            analysis = analyze_files(
+            measured = analyze_files(
                 deltas, task_vector, device, step, args.full_svd, known, exporter, base, intruders, quantization,
                 verdict,
             )  # fmt: skip
-        analysis.quantized_base = found.four_bit.describe() if found else None
-        analysis.verdict = verdict.diagnose(task_vector, base, known, found) if verdict else None
-        if args.lora_file is not None:  # compare's verdict from the report beside its deltas, when of this τ
-            analysis.verdict = verdict_of_report(args.lora_file.parent / "comparison_report.json", task_vector)
-        analysis.lora_source = "lora_path" if adapter else "lora_file" if args.lora_file else None
+        diagnosis = None
+        if verdict is not None:
+            diagnosis = verdict.diagnose(task_vector, base, known, found)
+        elif args.lora_file is not None:  # compare's verdict from the report beside its deltas, when of this τ
+            diagnosis = verdict_of_report(args.lora_file.parent / "comparison_report.json", task_vector)
+        exported = None
         if exporter is not None:
             base_model = task_vector.metadata.get("base_model") or args.base_model
-            analysis.export = exporter.write(staging / FOLDER, adapter.config if adapter else None, base_model)
+            exported = exporter.write(staging / FOLDER, dict(adapter.config.raw) if adapter else None, base_model)
+        analysis = Analysis(
+            measured,
+            lora_source="lora_path" if adapter else "lora_file" if args.lora_file else None,
+            quantized_base=found.four_bit.describe() if found else None,
+            verdict=diagnosis,
+            export=exported,
+        )
         report = analysis_report(analysis)
         (staging / "analysis.json").write_text(strict_json(report))
         plots = [] if args.skip_plots else draw_plots(analysis, staging)
@@ -195,9 +208,10 @@ def add_export_flags(parser) -> None:
     )
 
 
-def make_exporter(
-    args, task_vector: CheckpointIndex | TaskVectorOfModels, base_dir: Path | None
-) -> LoraExporter | None:
+def export_setup(
+    args: argparse.Namespace, task_vector: TensorSource, base_dir: Path | None
+) -> tuple[ExportRequest, ModuleKinds] | None:
+    """--export_lora's request and the base's layer kinds; refused before the analysis when no layer can be told."""
     if not (args.export_lora or args.export_lora_energy):
         return None
     request = ExportRequest(
@@ -213,14 +227,14 @@ def make_exporter(
     kinds = ModuleKinds(recorded_base_dir(base_dir, task_vector.metadata), task_vector.metadata.get("model_type"))
     if kinds.blind_reason():  # no matrix's layer can be told: refused before the analysis, not after
         raise UserError(f"--export_lora: {kinds.blind_reason()}")
-    return LoraExporter(request, kinds, task_vector.shapes())
+    return request, kinds
 
 
 def draw_plots(analysis: Analysis, folder: Path) -> list[str]:
     """The analysis's plots; matplotlib (about a second to import) only when they are drawn."""
     from common.analysis.plots import analysis_plots
 
-    return analysis_plots(analysis, folder)
+    return analysis_plots(analysis.measured, folder)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@
         --task_vector_path task_vectors_fp32/task_vector.safetensors --output_dir comparison_results/
 
 Exit code 0: equivalent within --tolerance (absolute); 1: not equivalent (the last line says why, and
-comparison_report.json's summary.cause names the cause); 2: bad input. Writes lora_deltas.safetensors,
-comparison_report.json / .csv and the plots norm_distribution_comparison.png, relative_error_heatmap.png and
-(with --base_model) residual_ulp_histogram.png into --output_dir.
+comparison_report.json's summary.cause names the cause); 2: bad input. Writes lora_deltas.safetensors (its header
+records each tensor's configured rank, for analyze --lora_file), comparison_report.json / .csv and the plots
+norm_distribution_comparison.png, relative_error_heatmap.png and (with --base_model) residual_ulp_histogram.png into
+--output_dir.
 
 With --check_logits (and --base_model): the merged model against base + adapter unmerged, on the same tokens —
 top-1 agreement, max |Δ logit|, KL, greedy continuations (summary.logits, logit_comparison.csv). Evidence beside
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+from common.analysis.analysis import ranks_metadata
 from common.analysis.plots import comparison_plots
 from common.cli import (
     add_overwrite,
@@ -104,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             base = DequantizedBase(base, base_dir, read_config(base_dir), four_bit, merge_dtype)
         plan = plan_deltas(adapter, base, read_config(base_dir) if base_dir else {}, set(task_vector.names()))
         staging = stack.enter_context(staged_output_dir(args.output_dir, args.overwrite))
-        deltas = stack.enter_context(SafetensorsWriter(staging / "lora_deltas.safetensors", plan.specs))
+        ranks = ranks_metadata(plan)  # each Δ's configured rank: analyze --lora_file reports it
+        deltas = stack.enter_context(SafetensorsWriter(staging / "lora_deltas.safetensors", plan.specs, ranks))
         step = stack.enter_context(tensor_progress(len(plan.specs), "compare", args.verbose))
         record = stats_beside(task_vector, args.task_vector_path)
         comparison = compare_adapter(

@@ -249,6 +249,54 @@ def test_rounding_bound_covers_cancellation_in_b_at_a_only_with_the_factors():
     assert not (error <= rounding_bound(weight, exact, torch.float32, 16)).all()  # the check can fail
 
 
+RANK_PATTERN = {
+    "r": 8,
+    "rank_pattern": {"k_proj": 2, "layers.1.self_attn.q_proj": 6},
+    "target_modules": ["q_proj", "k_proj"],
+}
+
+
+def test_lora_file_reports_each_tensors_configured_rank(analyses, tiny, pipeline, peft_adapters, tmp_path):
+    """compare records each Δ's configured r (rank_pattern included) in lora_deltas.safetensors' header, and analyze
+    --lora_file reports it as --lora_path does (the README's step 4 gave `lora_rank: null`)."""
+    for precision in ("fp32", "fp16"):
+        assert [t["lora_rank"] for t in analyses[precision][0]["tensors"]] == [8] * 8
+    adapter = peft_adapters(tiny.base, **RANK_PATTERN)
+    tau = pipeline("fp32").task_vector_file  # of another adapter: the ranks are the adapter's, whatever τ is
+    compare_args = ["--lora_path", adapter, "--task_vector_path", tau, "--output_dir", tmp_path / "cmp"]
+    assert run_main("compare_lora_task_vector.py", *compare_args).returncode == 1
+    ranks = {}
+    for source in (["--lora_file", tmp_path / "cmp" / "lora_deltas.safetensors"], ["--lora_path", adapter]):
+        out = tmp_path / source[0].lstrip("-")
+        result = run_main(
+            "analyze_lora_vs_task_vector_math.py", *source, "--task_vector_file", tau, "--output_dir", out,
+            "--skip_plots", "--intruder_k", "0",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        ranks[source[0]] = {
+            t["name"]: t["lora_rank"] for t in json.loads((out / "analysis.json").read_text())["tensors"]
+        }
+    expected = {
+        f"model.layers.{i}.self_attn.{p}_proj.weight": 2 if p == "k" else 6 if i == 1 else 8
+        for i in (0, 1)
+        for p in "qk"
+    }
+    assert ranks["--lora_file"] == ranks["--lora_path"] == expected
+
+
+@pytest.mark.parametrize("recorded", ["[8]", '{"a": 0}', '{"a": true}', "{"])
+def test_corrupt_recorded_ranks_are_one_line_errors(pipeline, tmp_path, recorded):
+    from safetensors.torch import save_file
+
+    name = "model.layers.0.self_attn.q_proj.weight"
+    save_file({name: torch.zeros(64, 64)}, tmp_path / "lora_deltas.safetensors", metadata={"lora_ranks": recorded})
+    args = ["--lora_file", tmp_path / "lora_deltas.safetensors", "--output_dir", tmp_path / "out"]
+    result = run_main(
+        "analyze_lora_vs_task_vector_math.py", *args, "--task_vector_file", pipeline("fp32").task_vector_file
+    )
+    assert_user_error(result, "corrupt lora_ranks metadata")
+
+
 def test_lora_file_and_lora_path_together_are_a_usage_error(tiny, tmp_path, pipeline):
     args = ["--lora_file", tmp_path / "x.safetensors", "--lora_path", tiny.adapter]
     result = run_main(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
+import types
 import warnings
 
 import pytest
@@ -157,6 +159,42 @@ def test_rank_k_error_falls_with_k_and_is_the_optimal_tail(pipeline):
         assert abs(t.rel_error - float(sigma[k:].square().sum().sqrt() / sigma.square().sum().sqrt())) < 1e-9
         errors.append(t.rel_error)
     assert all(coarser > finer for coarser, finer in zip(errors[:-1], errors[1:], strict=True))
+
+
+def reachable_tensor_bytes(root: object) -> int:
+    """The bytes of every tensor reachable from `root` (its attributes, their containers, and so on), each storage
+    counted once."""
+    seen, storages, stack = set(), {}, [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, type | types.ModuleType | types.FunctionType):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            storages[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+        else:
+            stack.extend(gc.get_referents(obj))
+    return sum(storages.values())
+
+
+def test_exporter_holds_no_factor_in_memory(tmp_path):
+    """--export_lora streams: each tensor's factors (and each copy) go to a scratch file in the output's folder as
+    they are made, and the adapter is assembled from it at the end; the exporter holds no tensor however many it
+    was given (it used to hold every factor until the write: tensors × r × (m + n) floats)."""
+    torch.manual_seed(0)
+    names = [f"model.layers.{i}.self_attn.{p}_proj.weight" for i in range(6) for p in "qv"] + ["model.norm.weight"]
+    shapes = {name: (256, 256) for name in names[:-1]} | {"model.norm.weight": (256,)}
+    kinds = ModuleKinds(None, "starcoder2")
+    with LoraExporter(ExportRequest(rank=16), kinds, shapes, scratch_dir=tmp_path) as exporter:
+        for name in names:
+            exporter.add(name, torch.randn(shapes[name]), base=torch.ones(shapes[name]))
+            assert reachable_tensor_bytes(exporter) == 0, name
+        exporter.write(tmp_path / "exported_lora", None, None)
+    from safetensors.torch import load_file
+
+    adapter = load_file(tmp_path / "exported_lora" / "adapter_model.safetensors")
+    assert sum(t.nbytes for t in adapter.values()) == 12 * 16 * (256 + 256) * 4 + 256 * 4
+    assert [p.name for p in tmp_path.iterdir()] == ["exported_lora"]  # the scratch file had no name
 
 
 @pytest.fixture(scope="module")

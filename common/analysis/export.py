@@ -30,10 +30,13 @@ import json
 import logging
 import math
 import re
+import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO, Self
 
 import torch
 
@@ -90,21 +93,6 @@ class ExportedTensor:
     threshold: float | None = None  # `auto`: the singular value threshold
 
 
-@dataclass
-class LoraExport:
-    request: ExportRequest
-    tensors: list[ExportedTensor] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)  # tensor -> why it is not in the adapter
-    skipped_share: dict[str, float] = field(default_factory=dict)  # tensor -> its share of ‖τ‖²_F
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # module -> (A, B), fp32
-    bias_deltas: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> τ of its bias (lora_bias)
-    values: dict[str, torch.Tensor] = field(default_factory=dict)  # adapter key -> base + τ (copies, biases)
-    copies: list[str] = field(default_factory=list)  # modules_to_save
-    tied: bool = False  # ensure_weight_tying: a copy of an embedding the output head is tied to
-    seconds: float = 0.0
-    total_energy: float = 0.0  # ‖τ‖²_F over every changed tensor
-
-
 def recorded_base_dir(base_dir: Path | None, metadata: dict[str, str]) -> Path | None:
     """The base model's folder: --base_model's, else that of the base recorded in τ's metadata when it is a local
     folder or in the Hugging Face cache (never downloaded); None when neither is found."""
@@ -124,15 +112,189 @@ def recorded_base_dir(base_dir: Path | None, metadata: dict[str, str]) -> Path |
     return Path(cached).parent if isinstance(cached, str) else None
 
 
-class LoraExporter:
-    """Collects every changed tensor of τ (`add`), then writes the adapter (`write`)."""
+@dataclass
+class LoraExport:
+    """What the export did: a record per exported tensor, the tensors left out and why, and the adapter's shape."""
 
-    def __init__(self, request: ExportRequest, kinds: ModuleKinds, shapes: dict[str, tuple[int, ...]]):
+    request: ExportRequest
+    tensors: list[ExportedTensor] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # tensor -> why it is not in the adapter
+    skipped_share: dict[str, float] = field(default_factory=dict)  # tensor -> its share of ‖τ‖²_F
+    ranks: dict[str, int] = field(default_factory=dict)  # LoRA target module -> its rank, in the adapter's order
+    copies: list[str] = field(default_factory=list)  # modules_to_save
+    tied: bool = False  # ensure_weight_tying: a copy of an embedding the output head is tied to
+    seconds: float = 0.0
+    total_energy: float = 0.0  # ‖τ‖²_F over every changed tensor
+
+
+@dataclass(frozen=True)
+class ExportItem:
+    """One changed tensor of τ on its way into the adapter: where it sits in the model, and what is known of it."""
+
+    name: str  # its name in τ
+    path: str  # the model parameter it is (module_kinds' model path)
+    kind: str | None  # its layer's kind (linear, conv1d, embedding, other); None when it cannot be told
+    tau: torch.Tensor  # in its stored layout
+    energy: float  # ‖τ‖²_F
+    base: torch.Tensor | None = None
+    lora_delta: torch.Tensor | None = None
+    decomposition: Decomposition | None = None  # the analysis's SVD of τ, when it made one
+
+    @property
+    def module(self) -> str:
+        return self.path.rpartition(".")[0]
+
+    @property
+    def param(self) -> str:
+        return self.path.rpartition(".")[2]
+
+    @property
+    def is_weight_matrix(self) -> bool:
+        return self.param == "weight" and self.tau.dim() == 2
+
+    def matrix(self, layout: str) -> torch.Tensor:
+        """τ in float64 in peft's orientation: the analysis's own copy when its decomposition holds one."""
+        held = self.decomposition.matrix if self.decomposition is not None else None
+        return peft_oriented(held if held is not None else self.tau.double(), layout)
+
+    def value(self) -> torch.Tensor:
+        """base + τ, summed in float64, as fp32 on the host (a modules_to_save copy or a bias value)."""
+        return (self.base.double() + self.tau.double()).float().cpu()
+
+
+def peft_oriented(matrix: torch.Tensor, layout: str) -> torch.Tensor:
+    """A matrix in its stored layout turned to peft's orientation, out × in (Conv1D and embeddings are stored
+    transposed)."""
+    return matrix if layout == LINEAR else matrix.T
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A tensor's place in a ScratchFile."""
+
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+class ScratchFile:
+    """Tensors appended to a file as they are made, so that none is held in memory until the adapter is written:
+    a file with no name (O_TMPFILE where the file system has it), gone when closed, even after SIGKILL, in `folder`
+    (analyze gives the output's staging folder: the output's disk, not a /tmp that may be RAM; None: the system's
+    temporary folder). `assemble` copies its tensors into a safetensors file in any order, by the kernel
+    (copy_file_range: no pass through user memory)."""
+
+    def __init__(self, folder: Path | None = None):
+        self.folder = folder
+        self._file: BinaryIO | None = None
+        self.size = 0
+
+    def put(self, tensor: torch.Tensor) -> Stored:
+        if self._file is None:
+            self._file = tempfile.TemporaryFile(dir=self.folder)
+        data = tensor.detach().cpu().contiguous()
+        stored = Stored(self.size, data.dtype, tuple(data.shape))
+        self._file.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+        self.size += stored.nbytes
+        return stored
+
+    def assemble(self, path: Path, tensors: list[tuple[str, Stored]], metadata: dict[str, str]) -> None:
+        """A safetensors file at `path` holding `tensors` (key, place here) in that order."""
+        specs = [TensorSpec(key, stored.dtype, stored.shape) for key, stored in tensors]
+        if self._file is not None:
+            self._file.flush()
+        with SafetensorsWriter(path, specs, metadata) as writer:
+            for key, stored in tensors:
+                writer.copy_from(key, stored.dtype, self._file.fileno(), stored.offset, stored.nbytes)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class AdapterTensors:
+    """adapter_model.safetensors as it is made: every tensor goes to the scratch file at once, only its place is
+    kept. In the file: per LoRA target A and B (and its lora_B.bias) in the order they were made, then the saved
+    values (modules_to_save copies and bias values)."""
+
+    def __init__(self, scratch: ScratchFile):
+        self.scratch = scratch
+        self.factors: dict[str, tuple[str, Stored, Stored]] = {}  # module -> (layout, A, B)
+        self.lora_biases: dict[str, Stored] = {}  # module -> τ of its bias (lora_bias)
+        self.values: dict[str, Stored] = {}  # adapter key -> base + τ
+
+    def add_factors(self, module: str, layout: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
+        self.factors[module] = (layout, self.scratch.put(lora_a), self.scratch.put(lora_b))
+
+    def add_value(self, key: str, value: torch.Tensor | Stored) -> Stored:
+        """base + τ under `key` (a tensor, or one already stored: the same bytes under a second key)."""
+        self.values[key] = value if isinstance(value, Stored) else self.scratch.put(value)
+        return self.values[key]
+
+    def ranks(self) -> dict[str, int]:
+        return {module: lora_a.shape[0] for module, (_, lora_a, _) in self.factors.items()}
+
+    def write(self, path: Path) -> None:
+        order: list[tuple[str, Stored]] = []
+        for module, (layout, lora_a, lora_b) in self.factors.items():
+            key_a, key_b = adapter_keys(module, layout)
+            order += [(key_a, lora_a), (key_b, lora_b)]
+            if module in self.lora_biases:
+                order.append((f"{PREFIX}{module}.lora_B.bias", self.lora_biases[module]))
+        self.scratch.assemble(path, order + list(self.values.items()), {"format": "pt"})
+
+
+@dataclass(frozen=True)
+class HeldBias:
+    """A changed bias of a linear layer, stored until every LoRA target is known (which decides its form): its τ,
+    and base + τ when the base is given."""
+
+    name: str
+    module: str
+    shape: list[int]
+    energy: float
+    delta: Stored
+    value: Stored | None
+
+
+def lora_bias_fits(biases: Iterable[str], factored: Iterable[str], biased: set[str], copies: Iterable[str]) -> bool:
+    """peft's lora_bias adds lora_B.bias to the bias of every LoRA target, so it needs one on each: it fits when
+    every target (a factored module, or one whose bias changed) has a bias in τ, or is a modules_to_save copy."""
+    biases = set(biases)
+    return bool(biases) and biases | set(factored) <= biased | set(copies)
+
+
+class LoraExporter:
+    """Collects every changed tensor of τ (`add`), each one's factors or value written to a scratch file as soon as
+    it is made; then writes the adapter (`write`). Memory: one tensor's work at a time, and a record per tensor."""
+
+    def __init__(
+        self,
+        request: ExportRequest,
+        kinds: ModuleKinds,
+        shapes: dict[str, tuple[int, ...]],
+        scratch_dir: Path | None = None,
+    ):
         self.export = LoraExport(request)
         self.kinds = kinds
         self.shapes = shapes  # every tensor of τ
         self.names = set(shapes)
-        self.pending_biases: dict[str, tuple[torch.Tensor, torch.Tensor | None, float]] = {}
+        self.adapter = AdapterTensors(ScratchFile(scratch_dir))
+        self.biases: dict[str, HeldBias] = {}  # module -> its changed bias, placed in `write`
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.adapter.scratch.close()
 
     def add(
         self,
@@ -145,93 +307,103 @@ class LoraExporter:
         """One changed tensor of τ (in its stored layout), with the base tensor when there is one, Δ when the
         analysis had one, and τ's decomposition when the analysis made one."""
         start = time.perf_counter()
-        energy = squared_norm(task_vector)
-        self.export.total_energy += energy
+        energy = self._count(task_vector)
         if not self.export.request.wants(name):
             self._skip(name, "excluded (--export_include / --export_exclude)", energy)
         else:
-            self._route(name, task_vector, base, lora_delta, decomposition, energy)
+            path = self.kinds.model_path(name)
+            kind = self.kinds.kind(name)
+            self._route(ExportItem(name, path, kind, task_vector, energy, base, lora_delta, decomposition))
         self.export.seconds += time.perf_counter() - start
 
     def skip(self, name: str, why: str, task_vector: torch.Tensor) -> None:
         """A changed tensor of τ that is not exported (its energy still counts in ‖τ‖²)."""
+        self._skip(name, why, self._count(task_vector))
+
+    def _count(self, task_vector: torch.Tensor) -> float:
+        """‖τ‖²_F of one changed tensor, added to the total every share is a fraction of."""
         energy = squared_norm(task_vector)
         self.export.total_energy += energy
-        self._skip(name, why, energy)
+        return energy
 
-    def _route(self, name, tau, base, lora_delta, decomposition, energy) -> None:
-        kind = self.kinds.kind(name)
-        path = self.kinds.model_path(name)
-        module, _, param = path.rpartition(".")
-        if self.kinds.tied and path in self.kinds.tied:
-            self._tied(name, module, tau, base, energy)
-        elif kind is None:
-            self._skip(name, self.kinds.unknown_reason(name) or "its layer's kind is unknown", energy)
-        elif kind in (LINEAR, CONV1D) and param == "weight" and tau.dim() == 2:
-            self._factor(name, module, kind, tau, lora_delta, decomposition, energy)
-        elif kind == EMBEDDING and param == "weight" and tau.dim() == 2:
-            self._embedding(name, module, tau, base, lora_delta, decomposition, energy)
-        elif kind in (LINEAR, CONV1D) and param == "bias":
-            self.pending_biases[module] = (tau, base, energy)  # its form depends on every target: see write()
+    def _route(self, item: ExportItem) -> None:
+        if self.kinds.tied and item.path in self.kinds.tied:
+            self._tied(item)
+        elif item.kind is None:
+            self._skip(item.name, self.kinds.unknown_reason(item.name) or "its layer's kind is unknown", item.energy)
+        elif item.kind in (LINEAR, CONV1D) and item.is_weight_matrix:
+            self._factor(item, item.kind)
+        elif item.kind == EMBEDDING and item.is_weight_matrix:
+            if self.export.request.embeddings == "copy":
+                self._copy(item)
+            else:
+                self._factor(item, EMBEDDING)
+        elif item.kind in (LINEAR, CONV1D) and item.param == "bias":
+            self._hold_bias(item)  # its form depends on every target: see _place_biases
         else:
-            self._copy(name, module, param, tau, base, energy)
+            self._copy(item)
 
-    def _embedding(self, name, module, tau, base, lora_delta, decomposition, energy) -> None:
-        if self.export.request.embeddings == "copy":
-            self._copy(name, module, "weight", tau, base, energy)
-        else:
-            self._factor(name, module, EMBEDDING, tau, lora_delta, decomposition, energy)
-
-    def _tied(self, name, module, tau, base, energy) -> None:
+    def _tied(self, item: ExportItem) -> None:
         """The output head or the embedding of a base that ties them: peft merges a LoRA on either into the one
         shared weight (an embedding LoRA twice), so they go as copies; with ensure_weight_tying when the head is
         still tied in τ (not saved on its own), so that peft ties the copies too."""
-        head = next((n for n, path in self.kinds.model_paths.items() if path == self.kinds.tied[0]), None)
-        if base is None:
-            self._skip(name, "the base ties the output head to the embedding: a copy of it needs --base_model", energy)
+        head, _ = self.kinds.tied
+        if item.base is None:
+            why = "the base ties the output head to the embedding: a copy of it needs --base_model"
+            self._skip(item.name, why, item.energy)
             return
-        still_tied = head not in self.names
-        self._copy(name, module, "weight", tau, base, energy)
+        stored = self._copy(item)
+        still_tied = next((n for n, path in self.kinds.model_paths.items() if path == head), None) not in self.names
         if still_tied:  # peft ties the head's copy to the embedding's, and loads it from its own key
             self.export.tied = True
-            self.export.values[f"{PREFIX}{self.kinds.tied[0]}"] = self.export.values[f"{PREFIX}{module}.weight"]
+            self.adapter.add_value(f"{PREFIX}{head}", stored)
 
-    def _copy(self, name, module, param, tau, base, energy) -> None:
-        if base is None:
-            self._skip(name, "its value needs --base_model (exported as a modules_to_save copy of base + τ)", energy)
-            return
-        self.export.values[f"{PREFIX}{module}.{param}"] = (base.double() + tau.double()).float().cpu()
-        if module not in self.export.copies:
-            self.export.copies.append(module)
-        self.export.tensors.append(ExportedTensor(name, module, "copy", OTHER, list(tau.shape), energy))
+    def _copy(self, item: ExportItem) -> Stored | None:
+        """A modules_to_save copy of base + τ, under the parameter's own name."""
+        if item.base is None:
+            why = "its value needs --base_model (exported as a modules_to_save copy of base + τ)"
+            self._skip(item.name, why, item.energy)
+            return None
+        stored = self.adapter.add_value(f"{PREFIX}{item.path}", item.value())
+        if item.module not in self.export.copies:
+            self.export.copies.append(item.module)
+        self.export.tensors.append(
+            ExportedTensor(item.name, item.module, "copy", OTHER, list(item.tau.shape), item.energy)
+        )
+        return stored
 
-    def _factor(self, name, module, layout, tau, lora_delta, decomposition, energy) -> None:
-        held = decomposition.matrix if decomposition is not None else None  # τ in float64, when the analysis has it
-        matrix = held if held is not None else tau.double()
-        matrix = matrix if layout == LINEAR else matrix.T
-        u, s, vh, exact, threshold = top_triplets(matrix, energy, self.export.request, decomposition, layout)
+    def _factor(self, item: ExportItem, layout: str) -> None:
+        """Truncated SVD factors B, A of τ in peft's orientation (top_triplets chooses the rank)."""
+        matrix = item.matrix(layout)
+        u, s, vh, exact, threshold = top_triplets(matrix, item.energy, self.export.request, item.decomposition, layout)
         if len(s) == 0:
-            self._skip(name, "no singular value above the noise threshold", energy)
+            self._skip(item.name, "no singular value above the noise threshold", item.energy)
             return
         root = s.sqrt()
         lora_b, lora_a = (u * root).float(), (root[:, None] * vh).float()
-        delta = None if lora_delta is None else (lora_delta if layout == LINEAR else lora_delta.T)
-        record = ExportedTensor(
-            name=name,
-            module=module,
-            form="lora",
-            layout=layout,
-            shape=list(tau.shape),
-            share=energy,
-            rank=len(s),
-            kept_energy=float(s.square().sum()) / energy if energy else 1.0,
-            rel_error=relative_residual(matrix, lora_b, lora_a),
-            rel_error_lora=relative_residual(delta, lora_b, lora_a) if delta is not None else None,
-            exact_svd=exact,
-            threshold=threshold,
+        delta = None if item.lora_delta is None else peft_oriented(item.lora_delta, layout)
+        self.export.tensors.append(
+            ExportedTensor(
+                name=item.name,
+                module=item.module,
+                form="lora",
+                layout=layout,
+                shape=list(item.tau.shape),
+                share=item.energy,
+                rank=len(s),
+                kept_energy=float(s.square().sum()) / item.energy if item.energy else 1.0,
+                rel_error=relative_residual(matrix, lora_b, lora_a),
+                rel_error_lora=relative_residual(delta, lora_b, lora_a) if delta is not None else None,
+                exact_svd=exact,
+                threshold=threshold,
+            )
         )
-        self.export.tensors.append(record)
-        self.export.factors[module] = (lora_a.cpu(), lora_b.cpu())
+        self.adapter.add_factors(item.module, layout, lora_a, lora_b)
+
+    def _hold_bias(self, item: ExportItem) -> None:
+        delta = self.adapter.scratch.put(item.tau.float())
+        value = self.adapter.scratch.put(item.value()) if item.base is not None else None
+        self.biases[item.module] = HeldBias(item.name, item.module, list(item.tau.shape), item.energy, delta, value)
 
     def _skip(self, name: str, why: str, energy: float) -> None:
         self.export.skipped[name] = why
@@ -241,47 +413,53 @@ class LoraExporter:
         """adapter_model.safetensors and adapter_config.json into `folder`; shares become fractions of ‖τ‖²."""
         start = time.perf_counter()
         self._place_biases()
-        total = self.export.total_energy or 1.0
-        for record in self.export.tensors:
-            record.share /= total
-        self.export.skipped_share = {n: e / total for n, e in self.export.skipped_share.items()}
+        self.export.ranks = self.adapter.ranks()
+        self._energies_to_shares()
         if not self.export.tensors:
             reasons = "; ".join(sorted(set(self.export.skipped.values()))) or "τ is zero"
             raise UserError(f"--export_lora: no tensor to export ({reasons})")
         folder.mkdir()
-        write_adapter_tensors(folder / "adapter_model.safetensors", self.export)
+        self.adapter.write(folder / "adapter_model.safetensors")
+        self.close()
         config = adapter_config(self.export, source_config, base_model)
         (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         self.export.seconds += time.perf_counter() - start
         return self.export
 
+    def _energies_to_shares(self) -> None:
+        """Each tensor's ‖τ‖²_F, exported or skipped, as its share of ‖τ‖²_F over every changed tensor."""
+        total = self.export.total_energy or 1.0
+        for record in self.export.tensors:
+            record.share /= total
+        self.export.skipped_share = {name: e / total for name, e in self.export.skipped_share.items()}
+
     def _place_biases(self) -> None:
         """Biases of linear layers: lora_bias (base-free, b += lora_B.bias) when every LoRA target has a bias in
         τ, with zero factors for a layer whose weight did not change; else their values (`bias: "all"`)."""
-        targets = set(self.export.factors) | set(self.pending_biases)
         biased = {self.kinds.model_path(n).rpartition(".")[0] for n in self.names if n.endswith(".bias")}
-        lora_bias = bool(self.pending_biases) and targets <= biased | set(self.export.copies)
-        for module, (tau, base, energy) in self.pending_biases.items():
-            name = next((n for n in self.names if self.kinds.model_path(n) == f"{module}.bias"), f"{module}.bias")
+        lora_bias = lora_bias_fits(self.biases, self.adapter.factors, biased, self.export.copies)
+        for module, bias in self.biases.items():
             if lora_bias:
-                if module not in self.export.factors:  # a layer whose weight τ is zero: rank-1 zero factors
-                    weight = next(n for n in self.names if self.kinds.model_path(n) == f"{module}.weight")
-                    self._zero_factors(weight, module)
-                self.export.bias_deltas[module] = tau.float().cpu()
-                self.export.tensors.append(ExportedTensor(name, module, "lora_bias", LINEAR, list(tau.shape), energy))
-            elif base is not None:
-                key = f"{PREFIX}{module}.base_layer.bias" if module in self.export.factors else f"{PREFIX}{module}.bias"
-                self.export.values[key] = (base.double() + tau.double()).float().cpu()
-                self.export.tensors.append(ExportedTensor(name, module, "bias_value", LINEAR, list(tau.shape), energy))
+                if module not in self.adapter.factors:  # a layer whose weight τ is zero: rank-1 zero factors
+                    self._zero_factors(module)
+                self.adapter.lora_biases[module] = bias.delta
+                self._record_bias(bias, "lora_bias")
+            elif bias.value is not None:
+                base_layer = ".base_layer" if module in self.adapter.factors else ""
+                self.adapter.add_value(f"{PREFIX}{module}{base_layer}.bias", bias.value)
+                self._record_bias(bias, "bias_value")
             else:
-                self._skip(
-                    name, "not every LoRA target has a bias (no lora_bias): its value needs --base_model", energy
-                )
+                why = "not every LoRA target has a bias (no lora_bias): its value needs --base_model"
+                self._skip(bias.name, why, bias.energy)
 
-    def _zero_factors(self, weight_name: str, module: str) -> None:
-        shape = self.shapes[weight_name]
-        out_features, in_features = shape if self.kinds.kind(weight_name) == LINEAR else shape[::-1]
-        self.export.factors[module] = (torch.zeros(1, in_features), torch.zeros(out_features, 1))
+    def _record_bias(self, bias: HeldBias, form: str) -> None:
+        self.export.tensors.append(ExportedTensor(bias.name, bias.module, form, LINEAR, bias.shape, bias.energy))
+
+    def _zero_factors(self, module: str) -> None:
+        weight = next(n for n in self.names if self.kinds.model_path(n) == f"{module}.weight")
+        shape = self.shapes[weight]
+        out_features, in_features = shape if self.kinds.kind(weight) == LINEAR else shape[::-1]
+        self.adapter.add_factors(module, LINEAR, torch.zeros(1, in_features), torch.zeros(out_features, 1))
 
 
 def top_triplets(
@@ -357,26 +535,10 @@ def adapter_keys(module: str, layout: str) -> tuple[str, str]:
     return f"{PREFIX}{module}.lora_A.weight", f"{PREFIX}{module}.lora_B.weight"
 
 
-def write_adapter_tensors(path: Path, export: LoraExport) -> None:
-    """Every A and B (fp32) in the order the tensors were analysed, the LoRA biases, then the saved values."""
-    tensors = []
-    layouts = {t.module: t.layout for t in export.tensors if t.form == "lora"}
-    for module, (lora_a, lora_b) in export.factors.items():
-        key_a, key_b = adapter_keys(module, layouts.get(module, LINEAR))
-        tensors += [(key_a, lora_a), (key_b, lora_b)]
-        if module in export.bias_deltas:
-            tensors.append((f"{PREFIX}{module}.lora_B.bias", export.bias_deltas[module]))
-    tensors += list(export.values.items())
-    specs = [TensorSpec(key, tensor.dtype, tuple(tensor.shape)) for key, tensor in tensors]
-    with SafetensorsWriter(path, specs, {"format": "pt"}) as writer:
-        for key, tensor in tensors:
-            writer.write(key, tensor.contiguous())
-
-
 def adapter_config(export: LoraExport, source_config: dict | None, base_model: str | None) -> dict:
     """adapter_config.json: scaling 1 everywhere (lora_alpha = r); ranks other than the most common one (r)
     in rank_pattern, with the same alpha in alpha_pattern (never a rank 0)."""
-    ranks = {module: a.shape[0] for module, (a, _) in export.factors.items()}
+    ranks = export.ranks
     counts = Counter(ranks.values()).most_common() or [(8, 0)]
     r = max(counts, key=lambda rank_count: (rank_count[1], rank_count[0]))[0]
     others = {re.escape(module): rank for module, rank in ranks.items() if rank != r}
@@ -392,7 +554,7 @@ def adapter_config(export: LoraExport, source_config: dict | None, base_model: s
         "target_modules": list(ranks),
         "lora_dropout": 0.0,
         "bias": "all" if bias_values else "none",
-        "lora_bias": bool(export.bias_deltas),
+        "lora_bias": any(t.form == "lora_bias" for t in export.tensors),
         "fan_in_fan_out": any(t.layout == CONV1D for t in export.tensors),  # peft sets it per layer type anyway
         "use_rslora": False,
         "use_dora": False,

@@ -12,7 +12,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import asdict
 
-from common.analysis.analysis import Analysis
+from common.analysis.analysis import Analysis, Measurements
 from common.analysis.export import FOLDER, LoraExport
 from common.numerics.finite import json_number
 from common.numerics.precision import a_dtype
@@ -51,18 +51,19 @@ def _total(values) -> int | None:
 
 def findings(analysis: Analysis) -> list[str]:
     """The report's conclusions, in plain language, from the numbers alone."""
+    measured = analysis.measured
     lines = verdict_findings(analysis) + quantization_findings(analysis)
-    if analysis.tensors:
-        lines += rank_findings(analysis) + subspace_findings(analysis) + base_findings(analysis)
-        others = len(analysis.task_vector_only_nonzero)
+    if measured.tensors:
+        lines += rank_findings(analysis) + subspace_findings(analysis) + base_findings(measured)
+        others = len(measured.task_vector_only_nonzero)
         lines.append(
-            f"Tensors in τ that the adapter does not touch: {others + analysis.task_vector_only_unchanged} "
-            f"({analysis.task_vector_only_unchanged} unchanged, {others} non-zero)."
+            f"Tensors in τ that the adapter does not touch: {others + measured.task_vector_only_unchanged} "
+            f"({measured.task_vector_only_unchanged} unchanged, {others} non-zero)."
         )
-        lines.append(reproduced_finding(analysis))
-        lines += subspace_share_findings(analysis)
-    lines += task_vector_findings(analysis)
-    lines += intruder_findings(analysis)
+        lines.append(reproduced_finding(measured))
+        lines += subspace_share_findings(measured)
+    lines += task_vector_findings(measured)
+    lines += intruder_findings(measured)
     if analysis.export is not None:
         lines += export_findings(analysis.export)
     return lines
@@ -75,22 +76,22 @@ def verdict_findings(analysis: Analysis) -> list[str]:
     return [f"Verdict ({analysis.verdict.cause}, as compare gives it): {analysis.verdict.reason}."]
 
 
-def reproduced_finding(analysis: Analysis) -> str:
+def reproduced_finding(measured: Measurements) -> str:
     """The share of ‖τ‖² the adapter reproduces: 1 − Σ‖τ − Δ‖² / Σ‖τ‖² over every tensor of τ — a share only when
     it is one (Δ pointing elsewhere makes ‖τ − Δ‖ exceed ‖τ‖)."""
-    total = sum(analysis.energy.values())
-    share = 1 - analysis.residual_energy / total if total else 1.0
+    total = sum(measured.energy.values())
+    share = 1 - measured.residual_energy / total if total else 1.0
     if share < 0:
         return (
-            f"Δ explains none of τ: Σ‖τ − Δ‖² is {analysis.residual_energy / total:.3g}× Σ‖τ‖²_F (‖τ − Δ‖ exceeds "
+            f"Δ explains none of τ: Σ‖τ − Δ‖² is {measured.residual_energy / total:.3g}× Σ‖τ‖²_F (‖τ − Δ‖ exceeds "
             "‖τ‖: subtracting the adapter's update moves τ further from zero)."
         )
     return f"The adapter reproduces {100 * share:.6g}% of ‖τ‖²_F (1 − Σ‖τ − Δ‖² / Σ‖τ‖² over every tensor of τ)."
 
 
-def subspace_share_findings(analysis: Analysis) -> list[str]:
+def subspace_share_findings(measured: Measurements) -> list[str]:
     """How much of τ lies where Δ acts, and how strongly Δ amplifies directions W₀ barely uses (Hu et al. 2021)."""
-    spectra = analysis.tensors
+    spectra = measured.tensors
     shares = [s.energy_in_lora_subspace for s in spectra]
     lines = [
         f"Inside Δ's column space lies a median {100 * statistics.median(shares):.4g}% of each tensor's ‖τ‖²_F "
@@ -107,9 +108,9 @@ def subspace_share_findings(analysis: Analysis) -> list[str]:
     return lines
 
 
-def intruder_findings(analysis: Analysis) -> list[str]:
+def intruder_findings(measured: Measurements) -> list[str]:
     """Intruder dimensions: new directions among the finetuned weight's top singular vectors."""
-    spectra = [*analysis.tensors, *analysis.task_vector_tensors]
+    spectra = [*measured.tensors, *measured.task_vector_tensors]
     counted = [s for s in spectra if s.intruder_dimensions is not None]
     if not counted:
         return []
@@ -122,12 +123,12 @@ def intruder_findings(analysis: Analysis) -> list[str]:
     ]
 
 
-def task_vector_findings(analysis: Analysis) -> list[str]:
+def task_vector_findings(measured: Measurements) -> list[str]:
     """τ's changed matrices the adapter does not reach (all of them with no adapter): how low-rank they are."""
-    spectra = analysis.task_vector_tensors
+    spectra = measured.task_vector_tensors
     if not spectra:
         return []
-    where = "the adapter does not reach" if analysis.tensors else "of τ"
+    where = "the adapter does not reach" if measured.tensors else "of τ"
     ranks90 = [s.energy_rank_90 for s in spectra if s.energy_rank_90 is not None]
     fractions = [s.energy_rank_90 / min(s.shape) for s in spectra if s.energy_rank_90 is not None]
     return [
@@ -140,7 +141,7 @@ def task_vector_findings(analysis: Analysis) -> list[str]:
 
 def rank_findings(analysis: Analysis) -> list[str]:
     """Numerical ranks of Δ and τ: equal, or τ carries full-rank noise on top."""
-    spectra = analysis.tensors
+    spectra = analysis.measured.tensors
     n = len(spectra)
     lora_ranks = sorted({s.rank_lora for s in spectra})
     same_rank = sum(s.rank_task_vector == s.rank_lora for s in spectra)
@@ -169,9 +170,10 @@ def _noise_source(analysis: Analysis) -> str:
     rounding (proven with the base), or not said."""
     if analysis.quantized_base:
         return "the 4-bit quantization of a QLoRA merge"
-    checked = [s.within_rounding for s in analysis.tensors if s.within_rounding is not None]
-    if checked and all(checked) and analysis.merge_dtype != "fp32":
-        return f"the rounding of {a_dtype(analysis.merge_dtype)} merge, every element within its bound"
+    measured = analysis.measured
+    checked = [s.within_rounding for s in measured.tensors if s.within_rounding is not None]
+    if checked and all(checked) and measured.merge_dtype != "fp32":
+        return f"the rounding of {a_dtype(measured.merge_dtype)} merge, every element within its bound"
     if checked:
         return "more than rounding explains"
     return ""
@@ -179,7 +181,7 @@ def _noise_source(analysis: Analysis) -> str:
 
 def quantization_findings(analysis: Analysis) -> list[str]:
     """τ of a merge into a 4-bit base: how large the quantization is against Δ, and how much of τ − Δ it explains."""
-    spectra = [s for s in analysis.tensors if s.quantization_explained is not None]
+    spectra = [s for s in analysis.measured.tensors if s.quantization_explained is not None]
     if not analysis.quantized_base or not spectra:
         return []
     ratios = [s.quantization_ratio for s in spectra if s.quantization_ratio is not None]
@@ -195,7 +197,7 @@ def quantization_findings(analysis: Analysis) -> list[str]:
 
 def subspace_findings(analysis: Analysis) -> list[str]:
     """Angles between the top-r subspaces, the relative error, the noise floor and the effective rank."""
-    spectra = analysis.tensors
+    spectra = analysis.measured.tensors
     angle = max(s.principal_angle_deg for s in spectra)
     energy = min(s.energy_in_lora_rank for s in spectra)
     errors = [s.rel_error for s in spectra]
@@ -236,9 +238,9 @@ def _floor_reading(analysis: Analysis, ratios: list[float]) -> str:
     return "not the ratio unstructured noise gives in every tensor: τ − Δ is structured in some of them."
 
 
-def base_findings(analysis: Analysis) -> list[str]:
+def base_findings(measured: Measurements) -> list[str]:
     """With the base weights: τ − Δ in ulps, and whether it is within the rounding bound of the merge."""
-    with_base = [s for s in analysis.tensors if s.residual_max_ulps is not None]
+    with_base = [s for s in measured.tensors if s.residual_max_ulps is not None]
     if not with_base:
         return []
     worst = max(s.residual_max_ulps for s in with_base)
@@ -247,11 +249,11 @@ def base_findings(analysis: Analysis) -> list[str]:
     if not checked:
         reading = "pass --lora_path to check it against the rounding bound of the merge"
     elif not beyond:
-        reading = f"every element within the rounding bound of {a_dtype(analysis.merge_dtype)} merge"
+        reading = f"every element within the rounding bound of {a_dtype(measured.merge_dtype)} merge"
     else:
-        reading = f"{beyond} tensors beyond what the rounding of {a_dtype(analysis.merge_dtype)} merge explains"
+        reading = f"{beyond} tensors beyond what the rounding of {a_dtype(measured.merge_dtype)} merge explains"
     return [
-        f"With the base weights: τ − Δ is at most {worst:.3g} ulp of {analysis.merge_dtype} at the merged weight "
+        f"With the base weights: τ − Δ is at most {worst:.3g} ulp of {measured.merge_dtype} at the merged weight "
         f"(RMS up to {max(s.residual_rms_ulps for s in with_base):.3g} ulp) over {len(with_base)} tensors; "
         f"{reading}."
     ]
@@ -263,30 +265,31 @@ def _listing(values: list[int]) -> str:
 
 def analysis_report(analysis: Analysis) -> dict:
     """The content of analysis.json."""
-    total = sum(analysis.energy.values())
+    measured = analysis.measured
+    total = sum(measured.energy.values())
     return {
         "summary": {
-            "tensors": len(analysis.tensors),
-            "task_vector_tensors": len(analysis.task_vector_tensors),
+            "tensors": len(measured.tensors),
+            "task_vector_tensors": len(measured.task_vector_tensors),
             "task_vector_energy": total,
-            "reproduced_energy_share": (1 - analysis.residual_energy / total if total else None)
+            "reproduced_energy_share": (1 - measured.residual_energy / total if total else None)
             if analysis.lora_source
             else None,
-            "merge_dtype": analysis.merge_dtype,
+            "merge_dtype": measured.merge_dtype,
             "lora_source": analysis.lora_source,
-            "lora_spectra_from_factors": sum(s.lora_spectrum_from_factors for s in analysis.tensors),
-            "lora_only": analysis.lora_only,
-            "not_matrices": analysis.not_matrices,
-            "task_vector_only_unchanged": analysis.task_vector_only_unchanged,
-            "intruder_dimensions_total": _intruders_total(analysis),
-            "task_vector_only_nonzero": analysis.task_vector_only_nonzero,
+            "lora_spectra_from_factors": sum(s.lora_spectrum_from_factors for s in measured.tensors),
+            "lora_only": measured.lora_only,
+            "not_matrices": measured.not_matrices,
+            "task_vector_only_unchanged": measured.task_vector_only_unchanged,
+            "intruder_dimensions_total": _intruders_total(measured),
+            "task_vector_only_nonzero": measured.task_vector_only_nonzero,
             "findings": findings(analysis),
             **verdict_summary(analysis),
         },
-        "by_module": aggregate(analysis.tensors, lambda s: s.module),
-        "by_layer": aggregate(analysis.tensors, lambda s: s.layer),
-        "tensors": [asdict(s) for s in analysis.tensors],
-        "task_vector_tensors": [asdict(s) for s in analysis.task_vector_tensors],
+        "by_module": aggregate(measured.tensors, lambda s: s.module),
+        "by_layer": aggregate(measured.tensors, lambda s: s.layer),
+        "tensors": [asdict(s) for s in measured.tensors],
+        "task_vector_tensors": [asdict(s) for s in measured.task_vector_tensors],
         **({"export_lora": export_report(analysis.export)} if analysis.export is not None else {}),
     }
 
@@ -300,8 +303,8 @@ def verdict_summary(analysis: Analysis) -> dict:
     return {"cause": verdict.cause, "causes": verdict.causes, "reason": verdict.reason, "evidence": evidence}
 
 
-def _intruders_total(analysis: Analysis) -> int | None:
-    counts = [t.intruder_dimensions for t in [*analysis.tensors, *analysis.task_vector_tensors]]
+def _intruders_total(measured: Measurements) -> int | None:
+    counts = [t.intruder_dimensions for t in [*measured.tensors, *measured.task_vector_tensors]]
     known = [c for c in counts if c is not None]
     return sum(known) if known else None
 
