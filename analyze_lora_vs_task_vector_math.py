@@ -29,6 +29,7 @@ from pathlib import Path
 from common.analysis.analysis import Analysis, VerdictEvidence, analyze_files, deltas_from_adapter, deltas_from_file
 from common.analysis.export import FOLDER, ExportRequest, LoraExporter, recorded_base_dir
 from common.analysis.report import analysis_markdown, analysis_report
+from common.analysis.several import analyze_several
 from common.cli import (
     add_overwrite,
     add_residual_base,
@@ -71,9 +72,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__)
     parser.add_argument("--lora_file", type=Path, default=None, help="lora_deltas.safetensors from step 3")
     parser.add_argument(
-        "--lora_path", default=None, help="or the adapter (folder or hub id): Δ exact, SVD from its factors"
+        "--lora_path",
+        nargs="+",
+        default=None,
+        help="or the adapter (folder or hub id): Δ exact, SVD from its factors; several: their interference",
     )
-    parser.add_argument("--task_vector_file", type=Path, default=None, help="task_vector.safetensors from step 2")
+    parser.add_argument(
+        "--task_vector_file",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="task_vector.safetensors from step 2; several (with or without adapters): their interference",
+    )
+    parser.add_argument(
+        "--merged_task_vector", type=Path, default=None, help="several inputs: τ of their merge, for retention"
+    )
+    parser.add_argument(
+        "--densities", type=fraction, nargs="+", default=[0.2], help="several inputs: top-k shares for sign conflicts"
+    )
+    parser.add_argument(
+        "--overlap_rank", type=positive_int, default=16, help="several inputs: singular vectors of a dense τ compared"
+    )
     parser.add_argument(
         "--finetuned_model", default=None, help="or the finetuned model, with --base_model: τ computed, not read"
     )
@@ -94,6 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     add_residual_base(parser)
     add_overwrite(parser)
     args = parse_with_config(parser, argv)
+    task_vectors, adapters = as_list(args.task_vector_file), as_list(args.lora_path)
+    if len(task_vectors) > 1 or len(adapters) > 1:
+        return several(args, [Path(t) for t in task_vectors], adapters)
+    if args.merged_task_vector is not None:
+        raise UserError("--merged_task_vector: give several inputs (--task_vector_file T1 T2, --lora_path A B)")
+    args.task_vector_file = Path(task_vectors[0]) if task_vectors else None
+    args.lora_path = adapters[0] if adapters else None
     at_most_one(args, "task_vector_file", "finetuned_model", required=True)
     if args.finetuned_model:
         require(args, "base_model")
@@ -181,6 +207,25 @@ def main(argv: list[str] | None = None) -> int:
     log.info(f"\n{', '.join(['analysis.json', 'report.md', *plots])} in {args.output_dir}/")
     if analysis.export is not None:
         log.info(f"the exported adapter in {args.output_dir / FOLDER}/ ({analysis.export.seconds:.1f} s)")
+    return 0
+
+
+def as_list(value: object) -> list:
+    """A flag of several values (a single one from a --config file)."""
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def several(args, task_vectors: list[Path], adapters: list[str]) -> int:
+    """Several inputs: their interference (common/analysis/several.py)."""
+    for flag in ("finetuned_model", "lora_file", "export_lora", "export_lora_energy"):
+        if getattr(args, flag, None) is not None:
+            raise UserError(f"--{flag} analyses one input; several inputs are compared with each other")
+    setup_logging(args.verbose)
+    base_dir = resolve_model(args.base_model, "base model") if args.base_model else None
+    analyze_several(
+        task_vectors, [resolve_adapter(a) for a in adapters], base_dir, args.merged_task_vector, args.output_dir,
+        tuple(args.densities), args.overlap_rank, resolve_device(args.device), args.overwrite, args.skip_plots,
+    )  # fmt: skip
     return 0
 
 

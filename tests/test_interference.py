@@ -22,6 +22,7 @@ from common.analysis.interference import (
     tensor_interference,
     trim,
 )
+from common.io.safetensors_io import CheckpointIndex as CheckpointIndexOf
 
 
 def low_rank(m: int, n: int, r: int, seed: int, scale: float = 2.0) -> LowRank:
@@ -237,3 +238,48 @@ def test_the_report_names_the_planted_interference():
         "overlap_matrix.png",
     ]
     assert all((folder / name).stat().st_size > 10_000 for name in os.listdir(folder))
+
+
+def test_analyze_several_inputs_end_to_end(tiny, pipeline, tmp_path):
+    """analyze with a τ and two adapters: the τ of adapter A has cosine 1 with A's Δ (factor form against dense),
+    the report and plots are written, and retention in A's own merge is 1 for τ."""
+    import json
+
+    import analyze_lora_vs_task_vector_math
+
+    tau = pipeline("fp32").task_vector_file
+    out = tmp_path / "several"
+    args = ["--task_vector_file", tau, "--lora_path", tiny.adapter, tiny.other_adapter, "--base_model", tiny.base]
+    args += ["--merged_task_vector", tau, "--output_dir", out, "--device", "cpu"]
+    assert analyze_lora_vs_task_vector_math.main([str(a) for a in args]) == 0
+    report = json.loads((out / "interference.json").read_text())
+    labels = report["inputs"]
+    assert len(labels) == 3 and len(set(labels)) == 3
+    cos = report["model"]["cosines"]
+    assert cos[0][1] == pytest.approx(1.0, abs=1e-6)  # τ of A against A's Δ
+    assert abs(cos[1][2]) < 0.5  # two adapters trained from other seeds
+    assert report["retention"][labels[0]] == pytest.approx(1.0, abs=1e-12)
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".png") == [
+        "interference_cosines.png",
+        "overlap_matrix.png",
+        "sign_conflicts_by_layer.png",
+    ]
+    assert report["findings"][0].startswith("3 inputs,")
+    assert "## Findings" in (out / "interference_report.md").read_text()
+
+
+def test_analyze_several_inputs_of_different_models_is_one_line(tiny, pipeline, tiny_gpt2, tmp_path):
+    from conftest import assert_user_error, run_main
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other" / "task_vector.safetensors"
+    other.parent.mkdir()
+    with CheckpointIndexOf(pipeline("fp32").task_vector_file) as tau:
+        save_file({n: torch.zeros(3, 5) for n in tau.names()}, str(other), metadata=dict(tau.metadata))
+    out = tmp_path / "out"
+    result = run_main(
+        "analyze_lora_vs_task_vector_math.py", "--task_vector_file", pipeline("fp32").task_vector_file, other,
+        "--output_dir", out, "--device", "cpu",
+    )  # fmt: skip
+    assert_user_error(result, "different shapes in the inputs", "inputs of different models?")
+    assert not out.exists()

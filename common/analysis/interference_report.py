@@ -134,7 +134,8 @@ def interference_report(analysis: InterferenceAnalysis) -> dict:
 
 def interference_findings(analysis: InterferenceAnalysis) -> list[str]:
     """One paragraph per pair of inputs, then the merge's retention."""
-    found = [f"{len(analysis.labels)} inputs, {len(analysis.tensors)} tensors changed by at least one of them."]
+    changed = sum(1 for t in analysis.tensors if bool((t.gram.diagonal() > 0).any()))
+    found = [f"{len(analysis.labels)} inputs, {changed} tensors changed by at least one of them."]
     model = cosines(analysis.gram())
     for i, j in pairs(analysis):
         found.append(_pair_finding(analysis, i, j, float(model[i, j])))
@@ -229,8 +230,7 @@ def cosine_heatmaps(analysis: InterferenceAnalysis, path: Path) -> None:
         for t in analysis.tensors:
             if t.gram[i, i] > 0 and t.gram[j, j] > 0:
                 grid[layers.index(t.layer), modules.index(t.module)] = tensor_cosine(t, i, j)
-        cmap = matplotlib.colormaps["RdBu_r"].copy()
-        cmap.set_bad("lightgrey")
+        cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="lightgrey")
         image = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
         ax.set_xticks(range(len(modules)), modules, rotation=45, ha="right")
         ax.set_yticks(range(len(layers)), ["–" if layer is None else str(layer) for layer in layers])
@@ -278,3 +278,21 @@ def overlap_matrix(analysis: InterferenceAnalysis, path: Path) -> None:
         ax.set_title(title, fontsize=10)
         fig.colorbar(image, ax=ax, shrink=0.8)
     save(fig, path, "How alike the inputs are (1 on the diagonal: each with itself)")
+
+
+def interference_markdown(report: dict, findings: list[str], plots: list[str]) -> str:
+    """interference_report.md: findings, the model's cosine matrix, the plots, then per tensor the cosines."""
+    labels = report["inputs"]
+    lines = ["# Interference of the inputs", "", "## Findings", "", *[f"- {line}" for line in findings]]
+    lines += ["", "## Cosines over the whole model", "", "| | " + " | ".join(labels) + " |"]
+    lines.append("|---" * (len(labels) + 1) + "|")
+    for label, row in zip(labels, report["model"]["cosines"], strict=True):
+        lines.append(f"| {label} | " + " | ".join("–" if v is None else f"{v:+.4f}" for v in row) + " |")
+    lines += (["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]) if plots else []
+    if report["per_tensor"] and report["per_tensor"][0]["cosines"]:
+        names = list(report["per_tensor"][0]["cosines"])
+        lines += ["", "## Per tensor: cosines", "", "| tensor | " + " | ".join(names) + " |"]
+        lines.append("|---" * (len(names) + 1) + "|")
+        for row in report["per_tensor"]:
+            lines.append(f"| {row['name']} | " + " | ".join(f"{row['cosines'][n]:+.4f}" for n in names) + " |")
+    return "\n".join(lines) + "\n"
