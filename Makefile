@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test test-slow lint clean
+.PHONY: demo test test-slow test-floors lint clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,20 @@ test: lint
 # The checks marked slow (run by CI after `make test`).
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow
+
+# The everyday suite against the lowest versions requirements.txt allows (constraints-floors.txt pins them exactly),
+# in a virtualenv of its own inside .venv/ (ignored by git and ruff); not part of `make test`. torch is $(TORCH).
+FLOORS_VENV ?= .venv/floors
+FLOORS_PY := $(FLOORS_VENV)/bin/python
+
+$(FLOORS_VENV)/.installed: requirements.txt requirements-dev.txt constraints-floors.txt
+	test -x $(FLOORS_PY) || $(PYTHON) -m venv $(FLOORS_VENV)
+	$(FLOORS_PY) -c "import torch" 2>/dev/null || $(FLOORS_PY) -m pip install --quiet $(TORCH)
+	$(FLOORS_PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt -c constraints-floors.txt
+	touch $@
+
+test-floors: $(FLOORS_VENV)/.installed
+	$(FLOORS_PY) -m pytest -q
 
 clean:
 	rm -rf demo_output .pytest_cache .ruff_cache

@@ -391,16 +391,24 @@ def assert_folder_holds(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
         assert_identical(copied[name], tensor, name)
 
 
-@pytest.mark.parametrize("how", ["scratch", "kernel_copy", "copy_through_memory"])
+@pytest.mark.parametrize(
+    "how", ["scratch", "kernel_copy", "copy_through_memory", "no_copy_file_range", "no_positioned_io"]
+)
 def test_reused_buffers_and_kernel_copies_reproduce_the_checkpoint(tmp_path, how, monkeypatch):
     """The merge's fast paths: chunks read into one reused buffer, or bytes copied by copy_file_range (and
-    the plain read-and-write it falls back to where the file system refuses it)."""
+    the plain read-and-write it falls back to where the file system refuses it, or the system has no such call:
+    macOS; or neither it nor positioned reads and writes: Windows)."""
     if how == "copy_through_memory":
 
         def refuse(*args):
             raise OSError(18, "Invalid cross-device link")
 
         monkeypatch.setattr(os, "copy_file_range", refuse)
+    if how in ("no_copy_file_range", "no_positioned_io"):
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    if how == "no_positioned_io":
+        for name in ("preadv", "pread", "pwrite"):
+            monkeypatch.delattr(os, name, raising=False)
     tensors = sample_tensors()
     save_file(tensors, tmp_path / "source.safetensors")
     out = tmp_path / "copy"

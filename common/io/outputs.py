@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from common.io.safetensors_io import check_inputs_unchanged
 log = logging.getLogger("lora_tv")
 # Errors that say the disk, not the program, could not take the output.
 WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+# What a file system that cannot fsync a folder answers (the folder's entries are then left to the system).
+REFUSALS = ("EINVAL", "EBADF", "EACCES", "ENOTSUP", "EOPNOTSUPP")
+FOLDER_SYNC_REFUSED = {getattr(errno, name) for name in REFUSALS if hasattr(errno, name)}
 
 
 MARKER = ".lora_tv_output"  # written into every output folder: --overwrite replaces only folders that hold it
@@ -138,13 +142,25 @@ def move_into_place(staging: Path, output_dir: Path, replace: bool = True) -> No
     output or the new one too."""
     sync_tree(staging)
     if not (replace and output_dir.exists()):
-        staging.rename(output_dir)
+        rename_onto_empty(staging, output_dir)
     else:
         replaced = staging.with_name(staging.name.replace(".partial-", ".replaced-", 1))
         output_dir.rename(replaced)
         staging.rename(output_dir)
         remove_replaced(replaced, output_dir)
     sync_path(output_dir.parent)
+
+
+def rename_onto_empty(staging: Path, output_dir: Path) -> None:
+    """Rename `staging` to `output_dir`, which is absent or an empty folder: POSIX's rename replaces an empty folder,
+    Windows' refuses any existing one (the empty folder is then removed first); a non-empty one is always refused."""
+    try:
+        staging.rename(output_dir)
+    except FileExistsError:
+        if not output_dir.is_dir() or output_dir.is_symlink() or any(output_dir.iterdir()):
+            raise
+        output_dir.rmdir()
+        staging.rename(output_dir)
 
 
 def remove_replaced(replaced: Path, output_dir: Path) -> None:
@@ -172,24 +188,64 @@ def sync_tree(folder: Path) -> None:
 
 
 def sync_path(path: Path) -> None:
-    """Flush a file's data, or a folder's entries, to the disk."""
-    fd = os.open(path, os.O_RDONLY)
+    """Flush a file's data, or a folder's entries, to the disk. Where a folder cannot be opened or synced (Windows
+    opens no folder; some file systems refuse fsync on one), its entries are left to the system."""
+    folder = path.is_dir()
+    # Windows flushes only what it may write (FlushFileBuffers); elsewhere read-only is enough, for read-only files too.
+    flags = os.O_RDONLY if folder or os.name != "nt" else os.O_RDWR
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        if folder:
+            return
+        raise
     try:
         os.fsync(fd)
+    except OSError as e:
+        if not (folder and e.errno in FOLDER_SYNC_REFUSED):
+            raise
     finally:
         os.close(fd)
+
+
+HELD_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # SIGHUP: not on Windows
 
 
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
     """Ctrl-C, SIGTERM and SIGHUP wait while a finished output is swapped in (they act right after it), so the
-    old output is never left half-removed. SIGKILL cannot wait: the rename order covers it."""
-    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    old output is never left half-removed. SIGKILL cannot wait: the rename order covers it.
+
+    Blocked with `pthread_sigmask` where the system has it; elsewhere (Windows) their Python handlers are replaced
+    for the while by ones that note the signal, which is raised again right after."""
+    held = {getattr(signal, name) for name in HELD_SIGNALS if hasattr(signal, name)}
+    if hasattr(signal, "pthread_sigmask"):
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    else:
+        with _signals_deferred(held):
+            yield
+
+
+@contextlib.contextmanager
+def _signals_deferred(held: set[signal.Signals]) -> Iterator[None]:
+    """The held signals noted while the block runs and raised again after it, in order (only the main thread can
+    set handlers: elsewhere they are not held)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    noted: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: noted.append(signum)) for signum in held}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: a handler not set by Python
+        for signum in noted:
+            signal.raise_signal(signum)
 
 
 def report_leftovers(output_dir: Path) -> None:

@@ -1,7 +1,9 @@
 """Streaming safetensors I/O: a lazy index over a checkpoint's shards and a front-to-back writer.
 
 Reads go through our own `os.preadv` calls into reused buffers (`Scratch`), never through a memory map, so
-the pages of a 12 GB checkpoint are not counted in our resident memory (docs/streaming.md).
+the pages of a 12 GB checkpoint are not counted in our resident memory (docs/streaming.md). Every call that only
+some systems have (`os.preadv`, `os.pread`, `os.pwrite`: not on Windows; `os.copy_file_range`: Linux only) has a
+plain fallback here, chosen when the call is made (tests/test_platform.py hides each one).
 Files are little-endian: `[u64 header length N][N bytes of JSON header][tensor data]`.
 """
 
@@ -174,10 +176,35 @@ def read_bytes_into(f: BinaryIO, buffer: torch.Tensor, offset: int) -> None:
     view = memoryview(buffer.view(-1).view(torch.uint8).numpy())
     done = 0
     while done < len(view):
-        n = os.preadv(f.fileno(), [view[done:]], offset + done)
-        if n == 0:
+        n = _read_at(f, view[done:], offset + done)
+        if not n:
             raise UserError(f"{f.name}: truncated safetensors file")
         done += n
+
+
+def _read_at(f: BinaryIO, view: memoryview, offset: int) -> int | None:
+    """Bytes read into `view` from `offset`: `os.preadv` where the system has it, else a seek and a read (only
+    our own reads use these descriptors' positions)."""
+    if hasattr(os, "preadv"):
+        return os.preadv(f.fileno(), [view], offset)
+    f.seek(offset)
+    return f.readinto(view)
+
+
+def pread(fd: int, size: int, offset: int) -> bytes:
+    """Up to `size` bytes of a file at `offset`: `os.pread`, else (Windows) a seek and a read."""
+    if hasattr(os, "pread"):
+        return os.pread(fd, size, offset)
+    os.lseek(fd, offset, os.SEEK_SET)
+    return os.read(fd, size)
+
+
+def pwrite(fd: int, data: bytes, offset: int) -> int:
+    """Write `data` (or its first bytes: the count is returned) at `offset`: `os.pwrite`, else a seek and a write."""
+    if hasattr(os, "pwrite"):
+        return os.pwrite(fd, data, offset)
+    os.lseek(fd, offset, os.SEEK_SET)
+    return os.write(fd, data)
 
 
 class Scratch:
@@ -521,17 +548,18 @@ class SafetensorsWriter(ClosedOrAborted):
 
     def copy_from(self, name: str, dtype: torch.dtype, source_fd: int, offset: int, nbytes: int) -> None:
         """Append `nbytes` of another file (from `offset`) to tensor `name`, copied by the kernel
-        (`copy_file_range`: no pass through user memory); a plain read and write where it is unsupported."""
+        (`copy_file_range`: no pass through user memory); a plain read and write where the system has no such call
+        (macOS, Windows) or the file system refuses it."""
         with self._aborting_on_error():
             self._advance(name, dtype, nbytes)
             self._file.flush()
             position = self._file.tell()
             done = _kernel_copy(source_fd, self._file.fileno(), offset, position, nbytes)
-            while done < nbytes:  # another file system, an old kernel: copy through memory
-                data = os.pread(source_fd, min(nbytes - done, CHUNK_BYTES), offset + done)
+            while done < nbytes:  # another system or file system, an old kernel: copy through memory
+                data = pread(source_fd, min(nbytes - done, CHUNK_BYTES), offset + done)
                 if not data:
                     raise UserError(f"{self.path}: the source file ended early while copying {name!r}")
-                done += os.pwrite(self._file.fileno(), data, position + done)
+                done += pwrite(self._file.fileno(), data, position + done)
             self._file.seek(position + nbytes)
             self._ends_in_hole = self._ends_in_hole and not nbytes
 
@@ -591,8 +619,11 @@ class SafetensorsWriter(ClosedOrAborted):
 
 
 def _kernel_copy(source_fd: int, target_fd: int, offset: int, position: int, nbytes: int) -> int:
-    """Bytes copied by `copy_file_range` before it ran out of source or was refused (0: unsupported here)."""
+    """Bytes copied by `copy_file_range` before it ran out of source or was refused (0: unsupported here, as on
+    every system but Linux, where Python has no such call)."""
     done = 0
+    if not hasattr(os, "copy_file_range"):
+        return done
     try:
         while done < nbytes:
             copied = os.copy_file_range(source_fd, target_fd, nbytes - done, offset + done, position + done)

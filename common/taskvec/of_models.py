@@ -7,7 +7,7 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-from common.io.safetensors_io import CheckpointIndex
+from common.io.safetensors_io import CheckpointIndex, TensorSpec
 from common.model.layout import read_config
 from common.taskvec.task_vector import (
     RunningStats,
@@ -23,8 +23,9 @@ COMPUTE_DTYPE = torch.float32  # extract's default --compute_dtype
 
 
 class TaskVectorOfModels:
-    """τ of a base and a finetuned checkpoint, read like a τ file's CheckpointIndex (`names`, `read`, `shapes`,
-    `metadata`, `source`); `statuses` is the extraction's status of each tensor. One tensor is held at a time."""
+    """τ of a base and a finetuned checkpoint, read like a τ file's CheckpointIndex: both are a `TensorSource`
+    (common/io/tensor_source.py); `statuses` is the extraction's status of each tensor. One tensor is held at a
+    time."""
 
     def __init__(self, base: CheckpointIndex, finetuned: CheckpointIndex, sources: dict[str, str]):
         """`sources`: the base and finetuned models as the user named them (hub ids or folders), as extract records
@@ -34,6 +35,8 @@ class TaskVectorOfModels:
         self.base, self.finetuned = base, finetuned
         pairs, self.extraction = plan_extraction(base, finetuned, configs)
         self.pairs = {pair.name: pair for pair in pairs}
+        specs = task_vector_specs(base, pairs, COMPUTE_DTYPE)  # as extract writes them
+        self.specs: dict[str, TensorSpec] = {spec.name: spec for spec in specs}
         self.source = f"{finetuned.source} − {base.source}"
         self.metadata = header_metadata(sources, self.extraction, COMPUTE_DTYPE, configs[0])
         self.statuses = Statuses(self)
@@ -48,9 +51,12 @@ class TaskVectorOfModels:
     def names(self) -> list[str]:
         return list(self.pairs)
 
+    def info(self, name: str) -> TensorSpec:
+        """τ's dtype and shape, as τ's file would hold them."""
+        return self.specs[name]
+
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        specs = task_vector_specs(self.base, list(self.pairs.values()), COMPUTE_DTYPE)  # as extract writes them
-        return {spec.name: tuple(spec.shape) for spec in specs}
+        return {name: tuple(spec.shape) for name, spec in self.specs.items()}
 
     def read(self, name: str) -> torch.Tensor:
         """τ of one tensor, a tensor of its own (as a file's `read` gives): held no longer once read."""

@@ -23,6 +23,7 @@ import torch
 
 from common.errors import UserError
 from common.io.safetensors_io import CHUNK_BYTES, CheckpointIndex, Scratch, ShardedWriter, TensorSpec, iter_row_chunks
+from common.io.tensor_source import TensorSource
 from common.model.layout import HEAD, tied_embedding
 from common.numerics.finite import count_in_checkpoint, json_number, strict_json
 from common.numerics.precision import is_rounding_artifact_of_delta, short_name
@@ -65,7 +66,7 @@ def tensor_status(non_zero: int, beyond_rounding: int, dtype_changed: bool) -> T
 
 def stored_status(
     name: str,
-    tau_file: CheckpointIndex,
+    tau_file: TensorSource,
     base: CheckpointIndex | None,
     merge_dtype: torch.dtype | None,
     known: Mapping[str, str] | None,
