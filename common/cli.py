@@ -184,7 +184,7 @@ def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) 
     # explicit value wins): on 4 KB pages, page faults dominate the element-wise work (docs/streaming.md)
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
-    for signum in (signal.SIGTERM, signal.SIGHUP):
+    for signum in (signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])):  # no SIGHUP on Windows
         if signal.getsignal(signum) == signal.SIG_DFL:  # not when ignored, as under nohup
             signal.signal(signum, _terminate)
     try:
@@ -334,7 +334,11 @@ def tensor_progress(total: int, desc: str, verbose: bool, unit: str = "tensor") 
 
 
 def peak_memory_gb() -> float:
-    """This process's peak resident memory so far (ru_maxrss is in KiB on Linux)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    """This process's peak resident memory so far (ru_maxrss: KiB on Linux, bytes on macOS); NaN where the platform
+    has no `resource` module (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return float("nan")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024**3 if sys.platform == "darwin" else peak / 1024**2

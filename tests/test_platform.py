@@ -262,3 +262,25 @@ def test_the_floors_make_test_floors_installs_are_requirements_floors():
     for name, version in floors.items():
         if name != "torch":
             assert name in pinned and Version(pinned[name]) == Version(version), (name, version, pinned.get(name))
+
+
+def test_the_scripts_entry_runs_without_sighup_or_resource(monkeypatch, capsys):
+    """cli.run and the merge's peak-memory line on a platform without SIGHUP and without `resource` (Windows)."""
+    import builtins
+    import signal
+
+    from common import cli
+
+    monkeypatch.delattr(signal, "SIGHUP")
+    real_import = builtins.__import__
+
+    def no_resource(name, *args, **kwargs):
+        if name == "resource":
+            raise ImportError("no resource here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_resource)
+    assert cli.peak_memory_gb() != cli.peak_memory_gb()  # NaN: nothing to report
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(lambda argv: 0, [])
+    assert exit_.value.code == 0
