@@ -283,3 +283,21 @@ def test_analyze_several_inputs_of_different_models_is_one_line(tiny, pipeline, 
     )  # fmt: skip
     assert_user_error(result, "different shapes in the inputs", "inputs of different models?")
     assert not out.exists()
+
+
+def test_conflicts_counted_in_chunks_are_the_whole_tensor_s(monkeypatch):
+    """The same counts, ties included, whether the coordinates are taken whole or 7 at a time."""
+    import common.analysis.interference as interference
+
+    g = torch.Generator().manual_seed(13)
+    inputs = [torch.randint(-3, 4, (9, 11), generator=g).float() for _ in range(3)]  # many tied magnitudes
+    whole = interference.conflicts_at(inputs, 0.3)
+    trimmed_whole = interference.trim(inputs[0], 0.3).values
+    assert whole.ties_left_out > 0
+    monkeypatch.setattr(interference, "CHUNK", 7)
+    chunked = interference.conflicts_at(inputs, 0.3)
+    for field_name in ("coordinates", "contested", "conflicting", "dropped", "ties_left_out"):
+        assert getattr(chunked, field_name) == getattr(whole, field_name)
+    for field_name in ("kept", "overlapping", "opposite"):
+        assert torch.equal(getattr(chunked, field_name), getattr(whole, field_name))
+    assert torch.equal(interference.trim(inputs[0], 0.3).values, trimmed_whole)

@@ -19,7 +19,8 @@ Sums over tensors (a layer, the model) are of the numerators and denominators, n
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +32,7 @@ from common.numerics.spectra import factor_spectrum, module_and_layer, principal
 
 DEFAULT_DENSITIES = (0.2,)  # TIES's default top-20%
 DEFAULT_OVERLAP_RANK = 16  # singular vectors of a dense τ whose span is compared
+CHUNK = 1 << 22  # coordinates per step of the element-wise passes (32 MB of float64)
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,10 @@ def inner(x: Contribution, y: Contribution) -> float:
     if isinstance(x, LowRank):
         projected = y.double() @ x.a.double().T  # τAᵀ, m × r
         return x.scale * float((x.b.double() * projected).sum())
-    flat_x, flat_y = x.reshape(-1), y.reshape(-1)
-    return float(flat_x.double().dot(flat_y.double()))
+    flat_x, flat_y, total = x.reshape(-1), y.reshape(-1), 0.0
+    for start in range(0, flat_x.numel(), CHUNK):  # no float64 copy of a whole tensor
+        total += float(flat_x[start : start + CHUNK].double().dot(flat_y[start : start + CHUNK].double()))
+    return total
 
 
 def squared(x: Contribution) -> float:
@@ -100,22 +104,49 @@ class Trimmed:
     ties_left_out: int
 
 
-def trim(values: torch.Tensor, density: float) -> Trimmed:
-    """The top k = ⌊d·N⌋ magnitudes kept, every other entry 0 (as peft's `magnitude_based_pruning` and TIES); among
-    entries equal to the k-th magnitude, the first ones in index order, so the result does not depend on the sort."""
+@dataclass(frozen=True)
+class MagnitudeCut:
+    """Where an input's top-k magnitudes end: entries above `threshold` are kept, and the first `ties_kept` (in index
+    order) of those equal to it; `ties_left_out` more equal it."""
+
+    threshold: torch.Tensor
+    ties_kept: int
+    ties_left_out: int
+
+
+def magnitude_cut(values: torch.Tensor, density: float) -> MagnitudeCut:
+    """The cut keeping k = ⌊d·N⌋ entries (as peft's `magnitude_based_pruning` and TIES)."""
     flat = values.reshape(-1)
     k = int(density * flat.numel())
     if k <= 0:
-        return Trimmed(torch.zeros_like(values), 0)
-    magnitude = flat.abs()
+        return MagnitudeCut(torch.tensor(math.inf, dtype=flat.dtype), 0, 0)
     if k >= flat.numel():
-        return Trimmed(values.clone(), 0)
+        return MagnitudeCut(torch.tensor(-1.0, dtype=flat.dtype), 0, 0)
+    magnitude = flat.abs()
     threshold = torch.kthvalue(magnitude, flat.numel() - k + 1).values  # the k-th largest
-    keep = magnitude > threshold
-    at_threshold = (magnitude == threshold).nonzero().squeeze(1)
-    wanted = k - int(keep.sum())
-    keep[at_threshold[:wanted]] = True
-    return Trimmed(torch.where(keep, flat, torch.zeros_like(flat)).reshape(values.shape), len(at_threshold) - wanted)
+    wanted = k - int((magnitude > threshold).sum())
+    return MagnitudeCut(threshold, wanted, int((magnitude == threshold).sum()) - wanted)
+
+
+def trimmed_chunks(values: torch.Tensor, cut: MagnitudeCut) -> Iterator[torch.Tensor]:
+    """The input's entries, CHUNK at a time, with every entry outside its top-k set to 0."""
+    flat, ties_left = values.reshape(-1), cut.ties_kept
+    for start in range(0, flat.numel(), CHUNK):
+        part = flat[start : start + CHUNK]
+        magnitude = part.abs()
+        keep = magnitude > cut.threshold
+        if ties_left:
+            ties = (magnitude == cut.threshold).nonzero().squeeze(1)[:ties_left]
+            keep[ties] = True
+            ties_left -= len(ties)
+        yield torch.where(keep, part, torch.zeros((), dtype=part.dtype))
+
+
+def trim(values: torch.Tensor, density: float) -> Trimmed:
+    """The top k = ⌊d·N⌋ magnitudes kept, every other entry 0 (as peft's `magnitude_based_pruning` and TIES); among
+    entries equal to the k-th magnitude, the first ones in index order, so the result does not depend on the sort."""
+    cut = magnitude_cut(values, density)
+    return Trimmed(torch.cat(list(trimmed_chunks(values, cut))).reshape(values.shape), cut.ties_left_out)
 
 
 @dataclass
@@ -180,11 +211,14 @@ def sign_conflicts(trimmed: list[torch.Tensor]) -> SignConflicts:
 
 
 def conflicts_at(items: list[torch.Tensor], density: float) -> SignConflicts:
-    """Trim each input at `density`, then count."""
-    trims = [trim(x, density) for x in items]
-    counts = sign_conflicts([t.values for t in trims])
-    counts.ties_left_out = sum(t.ties_left_out for t in trims)
-    return counts
+    """Trim each input at `density`, then count, CHUNK coordinates at a time (no trimmed copy of a whole tensor)."""
+    cuts = [magnitude_cut(x, density) for x in items]
+    total = None
+    for parts in zip(*(trimmed_chunks(x, cut) for x, cut in zip(items, cuts, strict=True)), strict=True):
+        counts = sign_conflicts([p.double() for p in parts])
+        total = counts if total is None else total + counts
+    total.ties_left_out = sum(cut.ties_left_out for cut in cuts)
+    return total
 
 
 def column_basis(x: Contribution, k: int) -> torch.Tensor:
@@ -259,7 +293,7 @@ def tensor_interference(
     module, layer = module_and_layer(name)
     result = TensorInterference(name, module, layer, gram(items))
     matrices = all(len(x.shape) == 2 for x in items)
-    dense = [x.dense() if isinstance(x, LowRank) else x.double() for x in items] if densities else []
+    dense = [x.dense() if isinstance(x, LowRank) else x for x in items] if densities else []
     for density in densities:
         result.conflicts[density] = conflicts_at(dense, density)
     if matrices:
