@@ -4,7 +4,7 @@ Writes three dense random τ files of `--layers` layers (every tensor changed, a
 each at 30 layers), then runs `analyze_lora_vs_task_vector_math.py --task_vector_file T1 T2 T3` in its own process
 under /usr/bin/time: wall seconds and peak RSS. Deletes every file it wrote.
 
-    .venv/bin/python bench/interference_bench.py --layers 4 --out bench/interference_4_layers.json
+    .venv/bin/python bench/interference_bench.py --layers 30 --out bench/interference_30_layers.json
 """
 
 from __future__ import annotations
