@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from common.cli import (
     add_residual_base,
     add_switch,
     base_parser,
+    finite_weight,
     folder_path,
     log,
     parse_with_config,
@@ -234,17 +234,6 @@ def combination_weights(weights: list[float] | float | None, adapters: int, task
             "one per input, adapters first, then task vectors"
         )
     return weights
-
-
-def finite_weight(text: str) -> float:
-    """A weight: a finite number (negative ones subtract)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"a weight must be a finite number, not {text!r}")
-    return value
 
 
 @contextlib.contextmanager

@@ -133,6 +133,17 @@ def regex(text: str) -> str:
     return text
 
 
+def finite_weight(text: str) -> float:
+    """A weight: a finite number (negative ones subtract)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"a weight must be a finite number, not {text!r}")
+    return value
+
+
 def fraction(text: str) -> float:
     """A share, such as of ‖τ‖²_F to keep: in (0, 1]."""
     try:
